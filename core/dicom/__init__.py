@@ -1,0 +1,1 @@
+"""Reading scanner DICOM: series selection, vendor phase scaling, volume building."""

@@ -1,0 +1,1 @@
+"""Simulation of scanner studies, dataset building, training and evaluation."""
