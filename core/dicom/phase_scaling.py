@@ -27,8 +27,10 @@ _TOL = 1.01
 
 
 def wrap(phase_rad: np.ndarray) -> np.ndarray:
-    """Wrap to [-pi, pi)."""
-    return np.mod(phase_rad + np.pi, 2.0 * np.pi) - np.pi
+    """Wrap to [-pi, pi) as float32 (values that round up to float32(pi) become -float32(pi))."""
+    out = (np.mod(np.asarray(phase_rad, dtype=np.float64) + np.pi, 2.0 * np.pi) - np.pi).astype(np.float32)
+    out[out >= np.float32(np.pi)] = -np.float32(np.pi)
+    return out
 
 
 def phase_to_radians(
@@ -66,28 +68,28 @@ def phase_to_radians(
         if pairs == {(2.0, -4096.0)} or (lo >= -4096 * _TOL and hi <= 4096 * _TOL and lo < 0 and hi - lo > 2 * np.pi * _TOL):
             if lo < -4096 * _TOL or hi > 4096 * _TOL:
                 raise DicomInputError(f"unknown phase scaling: Siemens phase values {span} outside -4096..4095")
-            return wrap(v * (np.pi / 4096.0)).astype(np.float32), "siemens: rescaled (stored*2-4096) * pi/4096"
+            return wrap(v * (np.pi / 4096.0)), "siemens: rescaled (stored*2-4096) * pi/4096"
         if pairs <= {(1.0, 0.0)} and lo >= 0 and hi <= 4095 and hi > 2 * np.pi * _TOL:
-            return wrap((v - 2048.0) * (np.pi / 2048.0)).astype(np.float32), "siemens: stored 0..4095, (v-2048) * pi/2048"
+            return wrap((v - 2048.0) * (np.pi / 2048.0)), "siemens: stored 0..4095, (v-2048) * pi/2048"
 
     unit = (rescale_type or "").strip().lower()
     if unit in ("rad", "radian", "radians"):
         if lo < -2 * np.pi * _TOL or hi > 2 * np.pi * _TOL:
             raise DicomInputError(f"unknown phase scaling: RescaleType says radians but values span {span}")
-        return wrap(v).astype(np.float32), "rescaled phase in radians (RescaleType rad)"
+        return wrap(v), "rescaled phase in radians (RescaleType rad)"
     if unit in ("mrad", "milliradian", "milliradians"):
         if lo < -2000 * np.pi * _TOL or hi > 2000 * np.pi * _TOL:
             raise DicomInputError(f"unknown phase scaling: RescaleType says mrad but values span {span}")
-        return wrap(v * 1e-3).astype(np.float32), "rescaled phase in milliradians (RescaleType mrad) * 1e-3"
+        return wrap(v * 1e-3), "rescaled phase in milliradians (RescaleType mrad) * 1e-3"
 
     def within(a: float, b: float) -> bool:
         margin = (b - a) * (_TOL - 1.0) / 2.0
         return lo >= a - margin and hi <= b + margin
 
     if within(-np.pi, np.pi) or within(0.0, 2 * np.pi):
-        return wrap(v).astype(np.float32), f"rescaled phase in radians (range {span})"
+        return wrap(v), f"rescaled phase in radians (range {span})"
     if within(-1000 * np.pi, 1000 * np.pi) or within(0.0, 2000 * np.pi):
-        return wrap(v * 1e-3).astype(np.float32), f"rescaled phase in milliradians (range {span}) * 1e-3"
+        return wrap(v * 1e-3), f"rescaled phase in milliradians (range {span}) * 1e-3"
     raise DicomInputError(
         f"unknown phase scaling: rescaled phase values span {span}, neither radians nor milliradians"
         f" ({maker or 'unknown manufacturer'})"

@@ -397,7 +397,7 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
     if chosen.complex_pair:
         z = _stack_values(a) + 1j * _stack_values(b)
         magnitude = np.abs(z).astype(np.float32)
-        phase = wrap(np.angle(z)).astype(np.float32)
+        phase = wrap(np.angle(z))
         scaling = "real/imaginary: phase = atan2(imag, real), magnitude = |real + i imag|"
         notes.append("magnitude computed from real and imaginary images; source images are the real images")
     else:
@@ -412,7 +412,7 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
             slopes_intercepts=pairs,
         )
     if phase_flip:
-        phase = wrap(-phase.astype(np.float64)).astype(np.float32)
+        phase = wrap(-phase.astype(np.float64))
     if any(e.echo_number is None for e in a.echoes):
         notes.append("EchoNumbers missing: echoes ordered by EchoTime")
     elif len({e.echo_number for e in a.echoes}) != len(a.echoes):

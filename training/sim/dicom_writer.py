@@ -29,12 +29,13 @@ errors (tested in ``tests/integration/test_dicom_validity.py``).
 from __future__ import annotations
 
 import datetime as _dt
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from core.physics import GAMMA_BAR_HZ_PER_T
 from training.sim.study import SimulatedStudy
@@ -58,18 +59,20 @@ SERIES_NUMBERS = {
 
 SERIES_DESCRIPTION = "QSM_GRE_3D_ME"
 
-_UID_NAMESPACE = "cmb-node-simulator"
+#: Name-based (version 5) UUIDs under this namespace give the simulator's ``2.25.<int>`` UIDs.
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/cmb-node/simulator")
 
 
 def deterministic_uid(study: SimulatedStudy, *parts: object) -> str:
     """A UID (``2.25.<int>``) that depends only on the subject, the seed and ``parts``.
 
     Writers call it as ``deterministic_uid(study, vendor, "series", "M")`` and so on; the same
-    arguments always give the same UID, different arguments give different UIDs (SHA-512 based, see
-    :func:`pydicom.uid.generate_uid`).
+    arguments always give the same UID, different arguments give different UIDs. The integer is a
+    name-based (SHA-1, version 5) UUID, the form PS3.5 section B.2 allows under the ``2.25`` root.
+    (``pydicom.uid.generate_uid(prefix=None, ...)`` ignores its entropy sources and is random.)
     """
-    sources = [_UID_NAMESPACE, str(study.subject_id), str(int(study.seed))] + [str(p) for p in parts]
-    return generate_uid(prefix=None, entropy_srcs=sources)
+    name = "|".join([str(study.subject_id), str(int(study.seed))] + [str(p) for p in parts])
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
 def _study_datetime(study: SimulatedStudy) -> _dt.datetime:
@@ -321,10 +324,10 @@ def _image(
     omit_echo_numbers: bool,
 ) -> pydicom.Dataset:
     """One classic MR image: the series attributes plus slice/echo specific ones and pixel data."""
-    import copy
-
     g = study.geometry
-    ds = copy.deepcopy(series)
+    # shallow: the series' elements are shared, never modified; every attribute set below is new
+    ds = pydicom.Dataset()
+    ds.update(series)
     ds.SOPInstanceUID = deterministic_uid(study, vendor, "instance", kind, echo, k)
     ds.InstanceNumber = instance
     ds.ImageType = image_type
