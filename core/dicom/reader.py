@@ -244,8 +244,9 @@ def _check_grid(stack: _Stack) -> None:
             f"plane; send an orthogonal (non-tilted) acquisition"
         )
     ratio = diffs / nominal
-    if np.any(ratio > 1.5):
-        k = int(np.argmax(ratio > 1.5))
+    gap = (ratio > 1.5) & (np.abs(ratio - np.round(ratio)) < 0.1)  # a whole number of slices absent
+    if np.any(gap):
+        k = int(np.argmax(gap))
         n_missing = int(round(float(ratio[k]))) - 1
         raise DicomInputError(
             f"missing slice: {name} has a gap of {diffs[k]:.3g} mm after slice {k + 1} "
