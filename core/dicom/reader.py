@@ -21,8 +21,9 @@ Selection rules (``select_gre``):
   normal (no gantry tilt / shear), be evenly spaced with no gap, and be the same in every echo.
 * Candidate pairs are magnitude + phase and real + imaginary stacks of one study. A pair is usable
   when frame of reference, orientation, image size, pixel spacing, echo count, echo times, slice
-  count and slice positions agree. Among usable pairs the largest (echoes x slices) wins, then a
-  pair within one series, then the closest series numbers; the others are listed in ``notes``. When
+  count and slice positions agree. Among usable pairs the largest (echoes x slices) wins, then
+  magnitude/phase over real/imaginary, then a pair within one series, then equal AcquisitionNumber,
+  then the closest series numbers; the others are listed in ``notes``. When
   no pair is usable the refusal names what differs in the pair that came closest.
 * Phase -> radians: :mod:`core.dicom.phase_scaling` (Siemens ``rescaled * pi / 4096``; Philips and
   others radians or milliradians told apart by RescaleType and value range); real/imaginary:
@@ -310,8 +311,12 @@ class _Candidate:
         fa, fb = self.first.first, self.second.first
         same_series = fa.series_instance_uid == fb.series_instance_uid
         gap = abs((fa.series_number or 0) - (fb.series_number or 0))
+        same_acquisition = fa.acquisition_key == fb.acquisition_key
         size = len(self.first.echoes) * self.first.n_slices
-        return (self.stage, size, not self.complex_pair, same_series, -gap, -(fa.series_number or 0))
+        return (
+            self.stage, size, not self.complex_pair, same_series, same_acquisition, -gap,
+            -(fa.series_number or 0),
+        )
 
 
 def select_gre(frames: list[Frame], *, phase_flip: bool = False) -> GREVolume:

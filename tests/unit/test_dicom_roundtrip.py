@@ -258,3 +258,21 @@ def test_select_gre_on_frames_equals_load_gre(tmp_path):
     ref = load_gre(tmp_path)
     np.testing.assert_array_equal(vol.phase_rad, ref.phase_rad)
     np.testing.assert_array_equal(vol.magnitude, ref.magnitude)
+
+
+def test_enhanced_flag_hands_over_to_the_enhanced_writer(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("training.sim.enhanced_writer")
+    fake.write_enhanced_study = lambda study, out_dir, vendor, common: calls.append((study, out_dir, vendor, common)) or [out_dir / "x.dcm"]
+    monkeypatch.setitem(sys.modules, "training.sim.enhanced_writer", fake)
+    study = make_study(1)
+    out = write_study(study, tmp_path, "philips", patient={"PatientID": "P9"}, enhanced=True)
+    assert out == [tmp_path / "x.dcm"]
+    (s, d, v, common), = calls
+    assert s is study and d == tmp_path and v == "philips"
+    assert common.PatientID == "P9" and common.Manufacturer == "Philips Medical Systems"
+    assert common.FrameOfReferenceUID == common_attributes(study, "philips").FrameOfReferenceUID
+    assert list(tmp_path.rglob("*.dcm")) == []  # nothing classic written
