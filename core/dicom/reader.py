@@ -199,9 +199,12 @@ def _split_echoes(stack: _Stack) -> list[_Echo]:
     frames = stack.frames
     if any(f.echo_time_ms is None for f in frames):
         raise DicomInputError(f"EchoTime missing in {stack.name}: echo times are needed to compute the field")
+    # EchoNumbers only help where every frame has one (some exports drop it from some images)
+    use_numbers = all(f.echo_number is not None for f in frames)
     groups: dict[tuple, list[Frame]] = {}
     for f in frames:
-        groups.setdefault((round(float(f.echo_time_ms) / _TE_TOL_MS), f.echo_number), []).append(f)
+        key = (round(float(f.echo_time_ms) / _TE_TOL_MS), f.echo_number if use_numbers else None)
+        groups.setdefault(key, []).append(f)
     keys = sorted(groups, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     tes = [k[0] for k in keys]
     if len(set(tes)) != len(tes):

@@ -276,3 +276,16 @@ def test_enhanced_flag_hands_over_to_the_enhanced_writer(tmp_path, monkeypatch):
     assert common.PatientID == "P9" and common.Manufacturer == "Philips Medical Systems"
     assert common.FrameOfReferenceUID == common_attributes(study, "philips").FrameOfReferenceUID
     assert list(tmp_path.rglob("*.dcm")) == []  # nothing classic written
+
+
+def test_echo_numbers_on_some_images_only(tmp_path):
+    study = make_study(2)
+    paths = write_study(study, tmp_path, "siemens")
+    for p in paths[: len(paths) // 3]:
+        ds = pydicom.dcmread(p)
+        del ds.EchoNumbers
+        ds.save_as(p)
+    vol = load_gre(tmp_path)
+    np.testing.assert_allclose(vol.echo_times_s, TES[:2])
+    assert np.abs(wrapped_diff(vol.phase_rad, study.phase_rad)).max() < 1e-3
+    assert any("EchoNumbers missing" in n for n in vol.notes)
