@@ -348,7 +348,7 @@ def select_gre(frames: list[Frame], *, phase_flip: bool = False) -> GREVolume:
     by_comp = {c: [s for s in stacks if s.component == c] for c in "MPRI"}
     if not by_comp["P"] and not (by_comp["R"] and by_comp["I"]):
         if by_comp["M"] or by_comp["R"] or by_comp["I"]:
-            names = "; ".join(s.name for s in stacks)
+            names = "; ".join(s.name for s in stacks[:3]) + (f"; and {len(stacks) - 3} more" if len(stacks) > 3 else "")
             raise DicomInputError(
                 f"no phase series: the input holds only {names}; send the GRE phase series as well"
             )

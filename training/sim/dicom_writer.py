@@ -28,6 +28,7 @@ errors (tested in ``tests/integration/test_dicom_validity.py``).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import uuid
 from pathlib import Path
@@ -245,8 +246,6 @@ def _series_dataset(
     description: str,
 ) -> pydicom.Dataset:
     """Attributes common to every image of one series (study, series, equipment, acquisition)."""
-    import copy
-
     g = study.geometry
     acq = study.acquisition
     when = _study_datetime(study) + _dt.timedelta(minutes=5)
@@ -292,8 +291,10 @@ def _series_dataset(
     ds.PixelBandwidth = "260"
     ds.ReceiveCoilName = {"siemens": "HeadNeck_64", "philips": "dS Head 32ch", "ge": "48HN"}[vendor]
     ds.TransmitCoilName = "Body"
-    ds.InPlanePhaseEncodingDirection = "ROW"
-    ds.AcquisitionMatrix = [0, int(g.shape[0]), int(g.shape[1]), 0]
+    # phase encoding along the column direction (j: anterior-posterior for axial slices);
+    # AcquisitionMatrix is frequency rows \ frequency columns \ phase rows \ phase columns
+    ds.InPlanePhaseEncodingDirection = "COL"
+    ds.AcquisitionMatrix = [int(g.shape[0]), 0, 0, int(g.shape[1])]
     ds.PercentSampling = "100"
     ds.PercentPhaseFieldOfView = _ds_str(100.0 * g.shape[1] * g.spacing[1] / (g.shape[0] * g.spacing[0]))
     ds.VariableFlipAngleFlag = "N"
