@@ -255,13 +255,12 @@ def _instance(
 ) -> pydicom.Dataset:
     """One multi-frame instance for one complex component (all echoes x slices)."""
     v = _VENDORS[vendor]
-    geom = study.geometry
     acq = study.acquisition
     n_echo, ni, nj, nk = pixels.shape
     tes_ms = [float(t) * 1e3 for t in acq.echo_times_s]
     when = _study_datetime(study)
-    # each echo's frames are acquired interleaved over one TR train; the whole 3-D scan takes
-    # TR * phase steps * partitions
+    # a 3-D scan: every partition (frame) comes from the whole k-space, acquired over
+    # TR * phase-encoding steps * partitions
     duration_s = acq.repetition_time_s * nj * nk
     frame_type = ["ORIGINAL", "PRIMARY", flavour, "NONE"]
 
@@ -288,7 +287,7 @@ def _instance(
     ds.ContentTime = ds.StudyTime
     ds.AcquisitionNumber = 1
     ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.000000")
-    ds.AcquisitionDuration = _ds(duration_s)
+    ds.AcquisitionDuration = round(float(duration_s), 6)
     ds.ImageType = frame_type
     ds.PixelPresentation = "MONOCHROME"
     ds.VolumetricProperties = "VOLUME"
@@ -362,7 +361,7 @@ def _instance(
     per_frame = []
     for e in range(n_echo):
         for k in range(nk):
-            per_frame.append(_frame_groups(study, e, k, tes_ms[e], when, duration_s / nk))
+            per_frame.append(_frame_groups(study, e, k, tes_ms[e], when, duration_s))
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
 
     meta = FileMetaDataset()
@@ -459,7 +458,7 @@ def _shared_groups(
     imod.MagnetizationTransfer = "NONE"
     imod.BloodSignalNulling = "NO"
     imod.Tagging = "NONE"
-    imod.TransmitterFrequency = float(acq.field_strength_t * 42.576)
+    imod.TransmitterFrequency = round(float(acq.field_strength_t) * 42.576, 6)
     imod.PixelBandwidth = 240.0
     g.MRImagingModifierSequence = Sequence([imod])
 
@@ -487,17 +486,20 @@ def _shared_groups(
 
 
 def _frame_groups(
-    study: SimulatedStudy, e: int, k: int, te_ms: float, when: _dt.datetime, frame_s: float
+    study: SimulatedStudy, e: int, k: int, te_ms: float, when: _dt.datetime, scan_s: float
 ) -> pydicom.Dataset:
-    """Functional groups that differ per frame: position, frame content, echo time."""
+    """Functional groups that differ per frame: position, frame content, echo time.
+
+    A 3-D acquisition reconstructs every frame from the whole k-space, so each frame's
+    acquisition time and duration are those of the scan.
+    """
     g = pydicom.Dataset()
     fc = pydicom.Dataset()
-    t = when + _dt.timedelta(seconds=k * frame_s)
-    stamp = t.strftime("%Y%m%d%H%M%S.%f")
+    stamp = when.strftime("%Y%m%d%H%M%S.%f")
     fc.FrameAcquisitionNumber = 1
     fc.FrameReferenceDateTime = stamp
     fc.FrameAcquisitionDateTime = stamp
-    fc.FrameAcquisitionDuration = float(frame_s * 1e3)
+    fc.FrameAcquisitionDuration = round(float(scan_s) * 1e3, 3)
     fc.StackID = "1"
     fc.InStackPositionNumber = k + 1
     fc.DimensionIndexValues = [1, k + 1, e + 1]
