@@ -19,8 +19,16 @@ where one exists as a fallback):
   value 3 when it is M/P/R/I (Siemens XA style) or starts with "M_"/"P_"/"R_"/"I_" (Philips style);
 * rescale: PixelValueTransformationSequence > RescaleSlope / RescaleIntercept / RescaleType
   (identity if absent): vendor phase conventions are applied later, by the selector;
-* echo number: the frame's DimensionIndexValues entry for a dimension that points at
-  EffectiveEchoTime (0018,9082), when the instance declares one; else ``None``.
+* echo number: EchoNumbers where one exists (Legacy Converted Enhanced MR); else the frame's
+  DimensionIndexValues entry for a dimension that points at EffectiveEchoTime (0018,9082), when
+  the instance declares one; else ``None``.
+
+* acquisition key: AcquisitionNumber (top level or unassigned groups), else the frame's
+  FrameContentSequence > FrameAcquisitionNumber, as a string; ``""`` if neither exists.
+
+Legacy Converted Enhanced MR (1.2.840.10008.5.1.4.1.1.4.4) keeps classic attributes such as
+EchoTime, EchoNumbers, AcquisitionNumber and MagneticFieldStrength in the Unassigned Per-Frame /
+Shared Converted Attributes groups; those are read too (per-frame, then shared, then top level).
 
 Malformed input raises :class:`core.errors.DicomInputError` with a one-line reason.
 """
@@ -79,9 +87,6 @@ def frames_from_enhanced(ds: pydicom.Dataset) -> list[Frame]:
     if not sop_uid:
         raise DicomInputError(f"{name}: SOPInstanceUID missing")
     series_number = _int(ds.get("SeriesNumber"), f"{name}: SeriesNumber")
-    field = _float(ds.get("MagneticFieldStrength"), f"{name}: MagneticFieldStrength")
-    acq_number = ds.get("AcquisitionNumber")
-    acquisition_key = "" if acq_number in (None, "") else str(acq_number)
     top_image_type = tuple(str(v).upper() for v in _as_list(ds.get("ImageType")))
     top_cic = str(ds.get("ComplexImageComponent", "") or "").upper()
     echo_dim = _echo_dimension(ds)
@@ -112,12 +117,16 @@ def frames_from_enhanced(ds: pydicom.Dataset) -> list[Frame]:
             raise DicomInputError(f"{where}: PixelSpacing {spacing.tolist()} is not positive")
         thickness = _float(pm_item.get("SliceThickness"), f"{where}: SliceThickness")
 
+        def converted(keyword: str):
+            return _converted(item, shared, ds, keyword)
+
         echo_item = group("MREchoSequence")
         echo_ms = None
         if echo_item is not None:
             echo_ms = _float(echo_item.get("EffectiveEchoTime"), f"{where}: EffectiveEchoTime")
         if echo_ms is None:
-            echo_ms = _float(ds.get("EchoTime"), f"{where}: EchoTime")
+            echo_ms = _float(_first(converted("EchoTime")), f"{where}: EchoTime")
+        field_t = _float(converted("MagneticFieldStrength"), f"{where}: MagneticFieldStrength")
 
         ft_item = group("MRImageFrameTypeSequence")
         image_type = top_image_type
@@ -138,9 +147,14 @@ def frames_from_enhanced(ds: pydicom.Dataset) -> list[Frame]:
             raise DicomInputError(f"{where}: RescaleSlope is 0")
         rescale_type = str(src.get("RescaleType", "") or "") or None
 
-        echo_number = None
+        echo_number = _int(_first(converted("EchoNumbers")), f"{where}: EchoNumbers")
         content = _group(item, shared, "FrameContentSequence")
-        if echo_dim is not None and content is not None and "DimensionIndexValues" in content:
+        acq_number = converted("AcquisitionNumber")
+        if acq_number in (None, "") and content is not None:
+            acq_number = content.get("FrameAcquisitionNumber")
+        acquisition_key = "" if acq_number in (None, "") else str(acq_number)
+        has_index = content is not None and "DimensionIndexValues" in content
+        if echo_number is None and echo_dim is not None and has_index:
             values = _as_list(content.DimensionIndexValues)
             if echo_dim < len(values):
                 echo_number = _int(values[echo_dim], f"{where}: DimensionIndexValues")
@@ -168,7 +182,7 @@ def frames_from_enhanced(ds: pydicom.Dataset) -> list[Frame]:
                 rescale_slope=slope,
                 rescale_intercept=intercept,
                 rescale_type=rescale_type,
-                field_strength_t=field,
+                field_strength_t=field_t,
                 acquisition_key=acquisition_key,
                 private={},
                 pixels=pixels_of(index),
@@ -193,6 +207,21 @@ def _group(item: pydicom.Dataset, shared: pydicom.Dataset, keyword: str) -> pydi
         if seq is not None and len(seq) > 0:
             return seq[0]
     return None
+
+
+def _converted(item: pydicom.Dataset, shared: pydicom.Dataset, ds: pydicom.Dataset, keyword: str):
+    """A classic attribute: Legacy Converted per-frame / shared unassigned groups, then top level."""
+    for source, seq_keyword in ((item, "UnassignedPerFrameConvertedAttributesSequence"),
+                                (shared, "UnassignedSharedConvertedAttributesSequence")):
+        seq = source.get(seq_keyword)
+        if seq and keyword in seq[0]:
+            return seq[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _first(value):
+    values = _as_list(value)
+    return values[0] if values else None
 
 
 def _as_list(value) -> list:

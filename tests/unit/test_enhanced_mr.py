@@ -249,3 +249,51 @@ def test_highdicom_reads_the_same_volume(study, tmp_path):
     theirs = vol.array.reshape(-1) * np.pi / 4096.0
     assert np.abs(_wrapped(theirs - study.phase_rad[1][i, j, k])).max() < 1e-3
     assert len(set(zip(i, j, k))) == study.geometry.n_voxels
+
+
+def test_legacy_converted_enhanced_mr_keeps_echo_attributes(study):
+    """Legacy Converted Enhanced MR keeps EchoTime / EchoNumbers in the unassigned groups."""
+    hd = pytest.importorskip("highdicom")
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    geom = study.geometry
+    uids = [generate_uid(entropy_srcs=["legacy", name]) for name in ("study", "series", "for")]
+    classic = []
+    for e, te_s in enumerate(TES_S[:2]):
+        for k in range(3):
+            ds = pydicom.Dataset()
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=["legacy", str(e), str(k)])
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+            ds.Modality, ds.PatientName, ds.PatientID = "MR", "LEGACY^TEST", "L1"
+            ds.PatientBirthDate, ds.PatientSex, ds.AccessionNumber = "", "O", ""
+            ds.ReferringPhysicianName, ds.StudyID = "", "1"
+            ds.StudyDate, ds.StudyTime, ds.ContentDate, ds.ContentTime = "20250101", "120000", "20250101", "120000"
+            ds.SeriesNumber, ds.InstanceNumber, ds.AcquisitionNumber = 4, e * 3 + k + 1, 1
+            ds.Manufacturer, ds.ImageType = "SIEMENS", ["ORIGINAL", "PRIMARY", "P", "ND"]
+            ds.EchoTime, ds.EchoNumbers, ds.MagneticFieldStrength = te_s * 1e3, e + 1, 3
+            ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "GR", "SP", "3D"
+            ds.ImagePositionPatient = [float(v) for v in geom.slice_position(k)]
+            ds.ImageOrientationPatient = geom.image_orientation()
+            ds.PixelSpacing, ds.SliceThickness = geom.pixel_spacing(), 2.0
+            ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 2, -4096, "US"
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.Rows, ds.Columns = SHAPE[1], SHAPE[0]
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = np.full((SHAPE[1], SHAPE[0]), 100 * e + k, np.uint16).tobytes()
+            classic.append(ds)
+    legacy = hd.legacy.LegacyConvertedEnhancedMRImage(
+        classic, series_instance_uid=generate_uid(entropy_srcs=["legacy", "out"]), series_number=4,
+        sop_instance_uid=generate_uid(entropy_srcs=["legacy", "sop"]), instance_number=1,
+    )
+    frames = frames_from_enhanced(legacy)
+    assert len(frames) == 6
+    for f in frames:
+        e, k = divmod(int(f.pixels()[0, 0]), 100)  # the classic instance it came from
+        assert f.echo_number == e + 1
+        assert f.echo_time_ms == pytest.approx(TES_S[e] * 1e3)
+        np.testing.assert_allclose(f.position, geom.slice_position(k), atol=1e-6)
+        assert (f.component, f.rescale_slope, f.rescale_intercept) == ("P", 2.0, -4096.0)
+        assert f.field_strength_t == 3.0 and f.acquisition_key == "1"
