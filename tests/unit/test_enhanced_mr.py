@@ -7,6 +7,7 @@ and pixel values are compared with the simulated arrays. ``dciodvfy`` validates 
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from pathlib import Path
@@ -156,9 +157,13 @@ def test_common_attributes_replace_defaults(study, tmp_path):
     common.FrameOfReferenceUID = "1.2.3.5"
     common.SOPInstanceUID = "9.9.9"  # per-instance: must not be copied
     common.ManufacturerModelName = ""  # empty would break a type 1 attribute: kept
+    common.BodyPartExamined = "BRAIN"
+    before = copy.deepcopy(common)
     paths = write_enhanced_study(study, tmp_path, "philips", common=common)
+    assert common == before  # the caller's dataset is not modified
     for p in paths:
         ds = pydicom.dcmread(p)
+        assert ds.BodyPartExamined == "BRAIN"
         assert (str(ds.PatientName), ds.PatientID) == ("DOE^JANE", "P123")
         assert (ds.StudyInstanceUID, ds.FrameOfReferenceUID) == ("1.2.3.4", "1.2.3.5")
         assert ds.SOPInstanceUID != "9.9.9"

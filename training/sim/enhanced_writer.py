@@ -26,6 +26,7 @@ the same study twice gives the same objects.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 from pathlib import Path
 
@@ -71,7 +72,7 @@ _VENDORS: dict[str, dict[str, str]] = {
     },
 }
 
-#: Components written per vendor: (role, ComplexImageComponent, FrameType value 3, series offset).
+#: Components written per vendor: (role, ComplexImageComponent, FrameType value 3).
 _COMPONENTS: dict[str, list[tuple[str, str, str]]] = {
     "siemens": [("magnitude", "MAGNITUDE", "M"), ("phase", "PHASE", "P")],
     "philips": [("magnitude", "MAGNITUDE", "T2_STAR"), ("phase", "PHASE", "T2_STAR")],
@@ -88,7 +89,8 @@ _NOT_FROM_COMMON = {
     "DimensionOrganizationSequence", "DimensionIndexSequence", "DimensionOrganizationType",
     "RescaleSlope", "RescaleIntercept", "RescaleType", "EchoTime", "EchoNumbers",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-    "SliceLocation", "WindowCenter", "WindowWidth", "ImageComments",
+    "SliceLocation", "WindowCenter", "WindowWidth", "ImageComments", "PixelPresentation",
+    "VolumetricProperties", "VolumeBasedCalculationTechnique", "PresentationLUTShape",
 }
 
 _SIEMENS_PHASE = (2.0, -4096.0)  # slope, intercept; radians = rescaled * pi / 4096
@@ -130,15 +132,14 @@ def write_enhanced_study(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = _base_dataset(study, vendor)
-    if common is not None:
-        _merge_common(base, common)
-
     stored = _stored_components(mag, phase, vendor)
     paths = []
     for index, (role, cic, flavour) in enumerate(_COMPONENTS[vendor]):
         pixels, bits, signed, slope, intercept = stored[role]
         ds = _instance(study, vendor, base, role, cic, flavour, index, pixels, bits, signed,
                        slope, intercept)
+        if common is not None:
+            _merge_common(ds, common)
         path = out_dir / f"enhanced_{vendor}_{role}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -162,15 +163,15 @@ def _stored_components(mag: np.ndarray, phase: np.ndarray, vendor: str) -> dict:
     slope = peak / 4095.0
     q = np.clip(np.rint(mag / slope), 0, 4095).astype(np.uint16)
     out["magnitude"] = (q, 12, False, slope, 0.0)
-    ps, pi_ = _SIEMENS_PHASE if vendor == "siemens" else _PHILIPS_PHASE
+    p_slope, p_intercept = _SIEMENS_PHASE if vendor == "siemens" else _PHILIPS_PHASE
     if vendor == "siemens":
         # rescaled = phase * 4096 / pi in [-4096, 4096); stored = (rescaled + 4096) / 2
         s = np.rint(phase * 2048.0 / np.pi + 2048.0)
     else:
-        s = np.rint((phase + np.pi) / ps)
+        s = np.rint((phase - p_intercept) / p_slope)
     # +pi and -pi are one phase: a value rounding to 4096 wraps to 0
     q = np.mod(s, 4096).astype(np.uint16)
-    out["phase"] = (q, 12, False, ps, pi_)
+    out["phase"] = (q, 12, False, p_slope, p_intercept)
     return out
 
 
@@ -229,14 +230,15 @@ def _base_dataset(study: SimulatedStudy, vendor: str) -> pydicom.Dataset:
     return ds
 
 
-def _merge_common(base: pydicom.Dataset, common: pydicom.Dataset) -> None:
+def _merge_common(ds: pydicom.Dataset, common: pydicom.Dataset) -> None:
+    """Copy ``common``'s elements over ``ds`` (deep copies: ``common`` is never modified)."""
     for elem in common:
         if elem.tag.group == 0x0002 or elem.keyword in _NOT_FROM_COMMON or elem.tag.is_private:
             continue
         empty = elem.value is None or elem.value == "" or (elem.VR == "SQ" and len(elem.value) == 0)
-        if empty and elem.keyword in base and base[elem.keyword].value not in (None, ""):
+        if empty and elem.keyword in ds and ds[elem.keyword].value not in (None, ""):
             continue  # keep a type 1 value rather than blanking it
-        base[elem.tag] = elem
+        ds[elem.tag] = copy.deepcopy(elem)
 
 
 def _instance(
@@ -264,9 +266,7 @@ def _instance(
     duration_s = acq.repetition_time_s * nj * nk
     frame_type = ["ORIGINAL", "PRIMARY", flavour, "NONE"]
 
-    ds = pydicom.Dataset()
-    for elem in base:
-        ds[elem.tag] = elem
+    ds = copy.deepcopy(base)
     sop_uid = _uid(study, vendor, role, "instance")
     ds.SOPClassUID = ENHANCED_MR_IMAGE_STORAGE
     ds.SOPInstanceUID = sop_uid
