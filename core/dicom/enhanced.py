@@ -16,13 +16,14 @@ where one exists as a fallback):
 * echo time: MREchoSequence > EffectiveEchoTime (ms); top-level EchoTime as a fallback;
 * frame type and component: MRImageFrameTypeSequence > FrameType, ComplexImageComponent
   (MAGNITUDE/PHASE/REAL/IMAGINARY -> "M"/"P"/"R"/"I"); if that is absent or MIXED, FrameType
-  value 3 when it is M/P/R/I (Siemens XA style) or starts with "M_"/"P_"/"R_"/"I_" (Philips style);
+  value 3 when it is M/P/R/I (Siemens XA style) or starts with "M_"/"P_"/"R_"/"I_" (Philips style),
+  else the top-level ComplexImageComponent; the top-level ImageType stands in for a missing FrameType;
 * rescale: PixelValueTransformationSequence > RescaleSlope / RescaleIntercept / RescaleType
-  (identity if absent): vendor phase conventions are applied later, by the selector;
+  (then top-level RescaleSlope / RescaleIntercept; identity if absent): vendor phase conventions
+  (Siemens * pi / 4096, Philips radians or mrad) are applied later, by the selector;
 * echo number: EchoNumbers where one exists (Legacy Converted Enhanced MR); else the frame's
   DimensionIndexValues entry for a dimension that points at EffectiveEchoTime (0018,9082), when
-  the instance declares one; else ``None``.
-
+  the instance declares one; else ``None``;
 * acquisition key: AcquisitionNumber (top level or unassigned groups), else the frame's
   FrameContentSequence > FrameAcquisitionNumber, as a string; ``""`` if neither exists.
 
