@@ -302,3 +302,13 @@ def test_legacy_converted_enhanced_mr_keeps_echo_attributes(study):
         np.testing.assert_allclose(f.position, geom.slice_position(k), atol=1e-6)
         assert (f.component, f.rescale_slope, f.rescale_intercept) == ("P", 2.0, -4096.0)
         assert f.field_strength_t == 3.0 and f.acquisition_key == "1"
+
+
+def test_component_falls_back_to_frame_type_value_3(written):
+    ds = pydicom.dcmread(written["siemens"][1])
+    del ds.SharedFunctionalGroupsSequence[0].MRImageFrameTypeSequence[0].ComplexImageComponent
+    ds.ComplexImageComponent = "MIXED"
+    assert {f.component for f in frames_from_enhanced(ds)} == {"P"}  # FrameType ORIGINAL\PRIMARY\P
+    del ds.SharedFunctionalGroupsSequence[0].MRImageFrameTypeSequence
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER", "NONE"]
+    assert {f.component for f in frames_from_enhanced(ds)} == {None}  # nothing says: unknown
