@@ -80,7 +80,7 @@ _COPIED = (
 #: Type 1/2 attributes of the General Study / MR Image modules written empty when the source lacks them.
 _TYPE2_EMPTY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                 "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator",
-                "ScanOptions", "EchoTrainLength")
+                "ScanOptions", "EchoTrainLength", "RepetitionTime")
 
 
 def _ds_str(value: float, max_len: int = 16) -> str:
@@ -163,7 +163,7 @@ def write_qsm_series(
 
     base = pydicom.Dataset()
     for kw in _TYPE2_EMPTY:
-        setattr(base, kw, "" if kw != "EchoTrainLength" else None)
+        setattr(base, kw, None if kw in ("EchoTrainLength", "RepetitionTime") else "")
     if src is not None:
         for kw in _COPIED:
             if kw in src and src[kw].value not in (None, ""):
