@@ -8,7 +8,7 @@ can link and overlay it with the GRE images.
 What is written (PS3.3 A.4 MR Image IOD; checked with dciodvfy, no errors):
 
 * ImageType ``DERIVED\\SECONDARY\\QSM``: value 3 of the MR Image module has *defined* terms
-  (MPR, T1 MAP, PHASE MAP, ...), which may be extended; dciodvfy accepts ``QSM``. The GRE loader
+  (MPR, T1 MAP, PHASE MAP, ...), which may be extended; dciodvfy only warns "Unrecognized defined term <QSM>". The GRE loader
   sees no magnitude/phase token in it, so a QSM series sent back into the node is never mistaken
   for an input.
 * Pixel values: signed 16-bit stored values ``s`` with ``chi_ppm = s * RescaleSlope + 0``
@@ -28,7 +28,8 @@ What is written (PS3.3 A.4 MR Image IOD; checked with dciodvfy, no errors):
   Image module requires (ScanningSequence, SequenceVariant, ...) copied from the source, with
   EchoTime empty (type 2: the map combines all echoes).
 * Equipment: Manufacturer ``CMB-QSM open source``, SoftwareVersions = ``algorithm_version``.
-* Provenance: SourceImageSequence per slice (the first-echo magnitude image at that position),
+* Provenance: SourceImageSequence per slice (the first-echo magnitude image at that position;
+  for an Enhanced MR source, the multi-frame instance(s), without frame numbers),
   DerivationDescription naming the method, version and the source magnitude and phase series.
 * UIDs from :mod:`core.uids`: the same study, source series, method and version always give the
   same Series and SOP Instance UIDs (a re-sent result replaces, never duplicates).
