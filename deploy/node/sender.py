@@ -86,9 +86,13 @@ class Sender:
                 self._failed(row, f"cannot connect to {dest.name}: {type(exc).__name__}: {exc}")
             return
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+            if assoc.is_rejected:
+                why = (f"{dest.name} rejected the association (is our AE title "
+                       f"{self.cfg.ae_title} configured there?)")
+            else:
+                why = f"no association with {dest.name} (connection refused, network error or abort)"
             for row in rows:
-                self._failed(row, f"association to {dest.name} {why}")
+                self._failed(row, why)
             return
         try:
             for row in rows:
