@@ -12,7 +12,7 @@ Schema (``PRAGMA user_version`` = 1)::
               transfer_syntax, path (relative to the spool), sha256, size, calling_aet, received_at,
               modality, image_type, series_description, component)
     jobs(id PK, study_uid, state, trigger, attempts, reason, created_at, updated_at, started_at,
-         finished_at, max_seq, n_instances, n_results)
+         finished_at, max_seq, n_instances, n_results, app_pid)
     deliveries(id PK, job_id -> jobs, result_path, sop_instance_uid, sop_class_uid, transfer_syntax,
                destination, state: pending | delivered | failed, attempts, next_attempt_at,
                last_error, delivered_at, UNIQUE(job_id, result_path, destination))
@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at  REAL,
     max_seq      INTEGER,
     n_instances  INTEGER,
-    n_results    INTEGER
+    n_results    INTEGER,
+    app_pid      INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid, state);
@@ -343,19 +344,25 @@ class Queue:
                                          job_id))
             return state
 
-    def recover(self, max_attempts: int, now: float) -> list[tuple[int, str]]:
+    def set_app_pid(self, job_id: int, pid: int | None) -> None:
+        """Remember the app's process id (a process group leader) so a restart can stop an orphan."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET app_pid = ? WHERE id = ?", (pid, job_id))
+
+    def recover(self, max_attempts: int, now: float) -> list[tuple[int, str, int | None, int]]:
         """After a restart: every 'running' job goes back to 'queued' (or 'failed' when out of tries).
 
-        Returns (job id, new state) for each job touched.
+        Returns (job id, new state, app pid of the interrupted run, its attempt number) per job.
         """
         with self._tx() as db:
-            rows = db.execute("SELECT id, attempts FROM jobs WHERE state = 'running'").fetchall()
+            rows = db.execute("SELECT id, attempts, app_pid FROM jobs WHERE state = 'running'").fetchall()
             out = []
             for r in rows:
                 state = "queued" if r["attempts"] < max_attempts else "failed"
-                db.execute("UPDATE jobs SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
+                db.execute("UPDATE jobs SET state = ?, updated_at = ?, reason = ?, app_pid = NULL"
+                           " WHERE id = ?",
                            (state, now, "node restarted while the app was running", r["id"]))
-                out.append((r["id"], state))
+                out.append((r["id"], state, r["app_pid"], r["attempts"]))
             return out
 
     # ---------------------------------------------------------------- sender side

@@ -31,7 +31,7 @@ from .scheduler import Scheduler, image_component
 from .scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StoreHandler
 from .sender import Sender
 from .spool import Spool, validate_uid
-from .worker import Worker
+from .worker import Worker, stop_orphan_app
 
 
 def reconcile(spool: Spool, queue: Queue, clock: Callable[[], float] = time.time) -> int:
@@ -82,10 +82,13 @@ class Node:
         removed = self.spool.clean_tmp()
         self.queue = Queue(self.spool.db_path)
         recovered = self.queue.recover(cfg.app.max_attempts, self.clock())
+        orphans = [job for job, _, pid, attempt in recovered
+                   if stop_orphan_app(pid, self.spool.job_dir(job) / f"attempt-{attempt}")]
         added = reconcile(self.spool, self.queue, self.clock)
         log_event("node_recovered", partial_writes_removed=removed, instances_registered=added,
-                  jobs_requeued=[j for j, s in recovered if s == "queued"],
-                  jobs_failed=[j for j, s in recovered if s == "failed"])
+                  jobs_requeued=[j for j, s, *_ in recovered if s == "queued"],
+                  jobs_failed=[j for j, s, *_ in recovered if s == "failed"],
+                  orphan_apps_killed=orphans)
 
         self.handler = StoreHandler(self.spool, self.queue, self.clock)
         self.scheduler = Scheduler(self.queue, cfg.triggers, cfg.study_quiet_seconds, self.clock,

@@ -1,9 +1,11 @@
 """Workers: run the app on a snapshot of a study and collect the DICOM files it writes.
 
 A worker claims the oldest queued job, links the study's instances (as of the claim) into
-``jobs/<id>/input/<series>/<sop>.dcm``, runs the app command in its own process group with a
-timeout (``{input}`` / ``{output}`` substituted; ``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH``
-also set), and keeps the app's stdout+stderr in ``jobs/<id>/app.log``. On exit 0 every DICOM
+``jobs/<id>/attempt-<n>/input/<series>/<sop>.dcm``, runs the app command in its own process group
+with a timeout (``{input}`` / ``{output}`` substituted; ``HOLOSCAN_INPUT_PATH`` /
+``HOLOSCAN_OUTPUT_PATH`` also set), and keeps the app's stdout+stderr in ``attempt-<n>/app.log``.
+Each attempt has its own folder, so an app orphaned by a node crash cannot write into the folder
+of the re-run (and the restart kills such an orphan: see :func:`stop_orphan_app`). On exit 0 every DICOM
 file under the output folder is fsynced and queued for delivery to every destination; other
 files (JSON, logs) stay in the job folder. A non-zero exit, a timeout or no DICOM output fails the
 attempt; the job is re-queued until ``app.max_attempts`` is reached, then 'failed' with the reason.
@@ -47,6 +49,27 @@ def collect_results(output: Path, spool_root: Path) -> list[ResultFile]:
     return results
 
 
+def stop_orphan_app(pid: int | None, attempt_dir: Path) -> bool:
+    """Kill the process group of an app left running by a crashed node. Returns True if killed.
+
+    The pid is trusted only if its command line still names the attempt folder (a pid may have been
+    reused by an unrelated process since).
+    """
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    if str(attempt_dir) not in cmdline:
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def _last_line(log: Path) -> str:
     try:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -85,7 +108,7 @@ class Worker:
         job_id, study = job["id"], job["study_uid"]
         calling = instances[0]["calling_aet"] if instances else None
         app = self.cfg.app
-        jobdir = self.spool.job_dir(job_id)
+        jobdir = self.spool.job_dir(job_id) / f"attempt-{job['attempts']}"
         inp, out, logf = jobdir / "input", jobdir / "output", jobdir / "app.log"
         log_event("job_started", study_uid=study, calling_aet=calling, job_id=job_id,
                   attempt=job["attempts"], instances=len(instances), worker=self.name)
@@ -109,6 +132,7 @@ class Worker:
             except OSError as exc:
                 self._fail(job_id, study, calling, f"cannot start the app ({cmd[0]}): {exc.strerror}")
                 return
+            self.queue.set_app_pid(job_id, self._proc.pid)
             try:
                 rc = self._proc.wait(timeout=app.timeout_seconds)
             except subprocess.TimeoutExpired:

@@ -45,6 +45,9 @@ import pydicom
 from pydicom.uid import generate_uid
 
 inp, out = Path(sys.argv[1]), Path(sys.argv[2])
+if (Path(__file__).parent / "slow").exists():  # lets a test kill the node while the app runs
+    import time
+    time.sleep(60)
 src = sorted(p for p in inp.rglob("*.dcm"))[0]
 ds = pydicom.dcmread(src)
 ds.SeriesInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.10.543.")
@@ -456,3 +459,32 @@ def test_node_delivers_to_orthanc_after_it_comes_up_and_across_a_restart(tmp_pat
         if orthanc_proc is not None:
             orthanc_proc.terminate()
             orthanc_proc.wait(timeout=20)
+
+
+def test_node_kill9_while_app_runs_requeues_job_and_stops_the_orphan(tmp_path: Path) -> None:
+    double = tmp_path / "app_test_double.py"
+    double.write_text(APP_TEST_DOUBLE)
+    (tmp_path / "slow").write_text("")
+    n = NodeProcess(tmp_path / "n", app={"command": [PY, str(double), "{input}", "{output}"],
+                                         "timeout_seconds": 120, "max_attempts": 3})
+    n.start()
+    try:
+        files = make_study(tmp_path / "in", echoes=1, slices=1)
+        assert pynetdicom_store(n.port, files) == [0, 0]
+        job = wait_for(lambda: [j for j in n.status()["jobs"] if j["state"] == "running" and j["app_pid"]],
+                       20, "the app to start")[0]
+        n.kill9()
+        orphan = job["app_pid"]
+        assert Path(f"/proc/{orphan}").exists()          # the app outlived the node
+        (tmp_path / "slow").unlink()
+        n.start()
+        recovered = n.events("node_recovered")[-1]
+        assert recovered["jobs_requeued"] == [job["id"]] and recovered["orphan_apps_killed"] == [job["id"]]
+        wait_for(lambda: not Path(f"/proc/{orphan}").exists() or
+                 "Z" in Path(f"/proc/{orphan}/stat").read_text().split()[2], 10, "the orphan to die")
+        done = wait_for(lambda: [j for j in n.status()["jobs"] if j["state"] == "done"], 30, "the re-run")[0]
+        assert (done["id"], done["attempts"], done["n_results"], done["n_instances"]) == (job["id"], 2, 1, 2)
+        assert (n.spool / "jobs" / str(job["id"]) / "attempt-2" / "output" / "result.dcm").is_file()
+        assert not (n.spool / "jobs" / str(job["id"]) / "attempt-1" / "output" / "result.dcm").exists()
+    finally:
+        n.stop()

@@ -76,7 +76,7 @@ def test_full_lifecycle_survives_reopening_at_every_step(tmp_path: Path) -> None
     assert q.claim_job(clock()) is None             # nothing else queued
     q = reopen(q)
     # kill -9 while running: recovery puts it back in the queue, attempts kept
-    assert q.recover(max_attempts=3, now=clock()) == [(1, "queued")]
+    assert q.recover(max_attempts=3, now=clock()) == [(1, "queued", None, 1)]
     q = reopen(q)
     job = q.snapshot()["jobs"][0]
     assert (job["state"], job["attempts"], job["reason"]) == (
@@ -203,7 +203,8 @@ def test_failed_app_is_retried_until_max_attempts(tmp_path: Path) -> None:
     clock.t += 1
     Scheduler(q, default_triggers(), 1, clock).tick()
     q.claim_job(clock())
-    assert q.recover(max_attempts=1, now=clock()) == [(2, "failed")]
+    q.set_app_pid(2, 4242)
+    assert q.recover(max_attempts=1, now=clock()) == [(2, "failed", 4242, 1)]
 
 
 def test_delivery_gives_up_when_told_and_job_is_failed(tmp_path: Path) -> None:

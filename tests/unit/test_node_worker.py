@@ -18,7 +18,7 @@ from deploy.node.queue import Queue
 from deploy.node.scheduler import Scheduler
 from deploy.node.sender import Sender
 from deploy.node.spool import Spool
-from deploy.node.worker import Worker
+from deploy.node.worker import Worker, stop_orphan_app
 
 from .test_node_scp import FakeEvent, mr
 from deploy.node.scp import StoreHandler
@@ -79,13 +79,13 @@ def test_worker_runs_app_on_snapshot_and_queues_dicom_results(tmp_path: Path) ->
     job = snap["jobs"][0]
     assert (job["state"], job["n_instances"], job["n_results"], job["attempts"]) == ("done", 2, 1, 1)
     assert done.is_set()
-    inputs = sorted(p.relative_to(sp.job_dir(1) / "input").parts[0]
-                    for p in (sp.job_dir(1) / "input").rglob("*.dcm"))
+    attempt = sp.job_dir(1) / "attempt-1"
+    inputs = sorted(p.relative_to(attempt / "input").parts[0] for p in (attempt / "input").rglob("*.dcm"))
     assert inputs == ["1.2.3.4", "1.2.3.5"]
-    assert (sp.job_dir(1) / "app.log").read_text().strip() == "inputs 2"
+    assert (attempt / "app.log").read_text().strip() == "inputs 2"
     (d,) = snap["deliveries"]  # notes.txt is not DICOM: not delivered
     assert (d["result_path"], d["destination"], d["state"]) == (
-        "jobs/1/output/result.dcm", "PACS@127.0.0.1:1", "pending")
+        "jobs/1/attempt-1/output/result.dcm", "PACS@127.0.0.1:1", "pending")
     assert worker.run_once() is False
 
 
@@ -106,6 +106,7 @@ def test_worker_kills_app_after_timeout(tmp_path: Path) -> None:
     worker.run_once()
     job = q.snapshot()["jobs"][0]
     assert (job["state"], job["reason"]) == ("queued", "app timed out after 0.5 s (killed)")
+    assert job["app_pid"] > 0
 
 
 def test_worker_with_no_dicom_output_fails(tmp_path: Path) -> None:
@@ -151,3 +152,23 @@ def test_sender_backs_off_then_delivers_to_a_storage_scp(tmp_path: Path) -> None
     assert snap["jobs"][0]["state"] == "delivered"
     result = pydicom.dcmread(sp.root / snap["deliveries"][0]["result_path"])
     assert received == [result.SOPInstanceUID]
+
+
+def test_stop_orphan_app_kills_only_a_process_naming_the_attempt_folder(tmp_path: Path) -> None:
+    import subprocess
+    attempt = tmp_path / "jobs" / "3" / "attempt-1"
+    attempt.mkdir(parents=True)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(attempt / "input")],
+                              start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert stop_orphan_app(other.pid, attempt) is False      # pid reused by someone else
+        assert stop_orphan_app(None, attempt) is False
+        assert stop_orphan_app(orphan.pid, attempt) is True
+        assert orphan.wait(timeout=10) == -9
+        assert other.poll() is None
+    finally:
+        for p in (orphan, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
