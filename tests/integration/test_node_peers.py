@@ -488,3 +488,55 @@ def test_node_kill9_while_app_runs_requeues_job_and_stops_the_orphan(tmp_path: P
         assert not (n.spool / "jobs" / str(job["id"]) / "attempt-1" / "output" / "result.dcm").exists()
     finally:
         n.stop()
+
+
+def _make_pki(folder: Path) -> dict[str, Path]:
+    """A throw-away CA and two certificates it signs (node and client), made with openssl."""
+    openssl = _need("openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "1", "-subj", "/CN=test-hospital-ca")
+    for name in ("node", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "1")
+    return {n: folder / n for n in ("ca.crt", "node.crt", "node.key", "client.crt", "client.key")}
+
+
+def test_node_mutual_tls_accepts_only_clients_with_a_certificate(tmp_path: Path) -> None:
+    import ssl
+    pki = _make_pki(tmp_path / "pki")
+    n = NodeProcess(tmp_path / "n", tls={"cert": str(pki["node.crt"]), "key": str(pki["node.key"]),
+                                         "ca": str(pki["ca.crt"])})
+    n.start()
+    try:
+        def echo(with_cert: bool) -> bool:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.crt"]))
+            ctx.check_hostname = False
+            if with_cert:
+                ctx.load_cert_chain(str(pki["client.crt"]), str(pki["client.key"]))
+            ae = AE(ae_title="PYNETDICOM")
+            ae.add_requested_context(Verification)
+            ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+            ae.acse_timeout = ae.network_timeout = 5
+            assoc = ae.associate("127.0.0.1", n.port, ae_title=NODE_AET, tls_args=(ctx, None))
+            if not assoc.is_established:
+                return False
+            ok = assoc.send_c_echo().Status == 0
+            ds = make_mr(tmp_path / "tls.dcm", generate_uid(), generate_uid())
+            ok = ok and assoc.send_c_store(ds).Status == 0
+            assoc.release()
+            return ok
+
+        assert echo(with_cert=True) is True
+        assert echo(with_cert=False) is False
+        assert not echo_ok(n.port)                       # plain TCP is not spoken either
+        assert n.alive()
+        assert n.db_rows("SELECT COUNT(*) FROM instances") == [(1,)]
+    finally:
+        n.stop()
