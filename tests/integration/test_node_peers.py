@@ -85,7 +85,7 @@ def make_mr(path: Path, study: str, series: str, *, component: str = "M", echo: 
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.FrameOfReferenceUID = study + ".1"
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["frame of reference", study])
     ds.PatientName, ds.PatientID = "Node^Test", "NODE0001"
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "A1", "1"
     ds.Modality, ds.Manufacturer = "MR", "SIEMENS"
@@ -295,6 +295,7 @@ def test_node_stores_from_storescu_and_pynetdicom(node: NodeProcess, tmp_path: P
     assert job["trigger"] == "gre_magnitude_phase"
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
 def test_node_refuses_unknown_calling_ae_and_hostile_input(node: NodeProcess, tmp_path: Path) -> None:
     echoscu = _need("echoscu")
     ok = subprocess.run([echoscu, "-aet", SCANNER_AET, "-aec", NODE_AET, "127.0.0.1", str(node.port)],

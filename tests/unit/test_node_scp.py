@@ -76,6 +76,7 @@ def test_store_writes_readable_file_and_records_it(handler: StoreHandler) -> Non
     assert row["path"] == str(path.relative_to(handler.spool.root))
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
 @pytest.mark.parametrize("field, value", [
     ("StudyInstanceUID", "../../x"), ("SeriesInstanceUID", "../../../../tmp/evil"),
     ("StudyInstanceUID", "/etc"), ("SeriesInstanceUID", "1" * 65), ("StudyInstanceUID", ""),
