@@ -27,7 +27,7 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,14 +40,18 @@ pytestmark = [pytest.mark.dicom_tools, pytest.mark.slow]
 APP_TEST_DOUBLE = '''"""TEST DOUBLE of the analysis app (not the product): copy one input instance to the output
 folder with a new SeriesInstanceUID / SOPInstanceUID, as a stand-in result to deliver."""
 import sys
+import time
 from pathlib import Path
+
+here = Path(__file__).parent
+if (here / "slow").exists():  # lets a test kill the node while the app runs
+    (here / "app_sleeping").write_text("")
+    time.sleep(60)
+
 import pydicom
 from pydicom.uid import generate_uid
 
 inp, out = Path(sys.argv[1]), Path(sys.argv[2])
-if (Path(__file__).parent / "slow").exists():  # lets a test kill the node while the app runs
-    import time
-    time.sleep(60)
 src = sorted(p for p in inp.rglob("*.dcm"))[0]
 ds = pydicom.dcmread(src)
 ds.SeriesInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.10.543.")
@@ -220,11 +224,14 @@ def pynetdicom_store(port: int, datasets: list[Dataset | Path], aet: str = "PYNE
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
     assert assoc.is_established, "association with the node failed"
     codes = []
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # files are sent as bytes, not parsed by the sender
     try:
         for ds in datasets:
             status = assoc.send_c_store(ds)
             codes.append(int(status.Status) if status else -1)
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         assoc.release()
     return codes
 
@@ -314,14 +321,13 @@ def test_node_refuses_unknown_calling_ae_and_hostile_input(node: NodeProcess, tm
         h = pydicom.dcmread(tmp_path / "x.dcm")
         h.StudyInstanceUID, h.SeriesInstanceUID = study, series
         hostile.append(h)
-    # a corrupt payload: the UIDs are readable, then PatientName claims 65535 bytes that are not there
+    # a corrupt payload: a valid data set followed by a sequence whose item is garbage
     corrupt = tmp_path / "corrupt.dcm"
-    raw = (tmp_path / "x.dcm").read_bytes()
-    tag = raw.index(b"\x10\x00\x10\x00PN")
-    corrupt.write_bytes(raw[:tag + 6] + b"\xff\xff" + raw[tag + 8:tag + 40])
+    garbage_sq = b"\xe1\x7f\x10\x00SQ\x00\x00\xff\xff\xff\xff" + b"\x01\x02\x03\x04\x10\x00\x00\x00" + bytes(4)
+    corrupt.write_bytes((tmp_path / "x.dcm").read_bytes() + garbage_sq)
     codes = pynetdicom_store(node.port, [*hostile, corrupt])
     assert codes[:4] == [0xC220] * 4
-    assert 0xC000 <= codes[4] <= 0xCFFF, hex(codes[4])
+    assert codes[4] == 0xC210, hex(codes[4])   # cannot be decoded
     assert node.alive() and echo_ok(node.port)
     # nothing was written anywhere: not in the spool, not outside it
     assert list((node.spool / "instances").rglob("*.dcm")) == []
@@ -472,8 +478,9 @@ def test_node_kill9_while_app_runs_requeues_job_and_stops_the_orphan(tmp_path: P
     try:
         files = make_study(tmp_path / "in", echoes=1, slices=1)
         assert pynetdicom_store(n.port, files) == [0, 0]
+        wait_for(lambda: (tmp_path / "app_sleeping").exists(), 20, "the app to start")
         job = wait_for(lambda: [j for j in n.status()["jobs"] if j["state"] == "running" and j["app_pid"]],
-                       20, "the app to start")[0]
+                       20, "the app pid to be recorded")[0]
         n.kill9()
         orphan = job["app_pid"]
         assert Path(f"/proc/{orphan}").exists()          # the app outlived the node
