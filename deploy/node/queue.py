@@ -172,8 +172,9 @@ class Queue:
             if version not in (0, SCHEMA_VERSION):
                 raise RuntimeError(f"queue database {self.path} has schema version {version}, "
                                    f"this node understands {SCHEMA_VERSION}")
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version == 0:  # a new database (the status command never writes to a live one)
+                self._db.executescript(SCHEMA)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db.row_factory = sqlite3.Row
 
     def close(self) -> None:

@@ -180,6 +180,9 @@ class StoreHandler:
                 path=rel, sha256=digest, size=len(data), calling_aet=calling, modality=modality,
                 image_type=image_type, series_description=description, component=component,
             ), self.clock())
+            if outcome == "replaced" and existing is not None and existing["path"] != rel:
+                # same SOP Instance UID re-sent under another study/series: drop the old copy
+                (self.spool.root / existing["path"]).unlink(missing_ok=True)
         log_event("instance_stored", calling_aet=calling, study_uid=study, series_uid=series,
                   sop_instance_uid=sop, outcome=outcome, bytes=len(data))
         return STATUS_SUCCESS

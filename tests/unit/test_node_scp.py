@@ -127,6 +127,16 @@ def test_duplicate_is_success_and_stored_once(handler: StoreHandler, monkeypatch
     assert len(writes) == 1 and handler.queue.snapshot()["studies"][0]["n_instances"] == 1
 
 
+def test_same_uid_moved_to_another_series_leaves_one_file(handler: StoreHandler) -> None:
+    ds = mr(series="1.2.3.4")
+    assert handler.handle_store(FakeEvent(ds, ds.SOPInstanceUID)) == STATUS_SUCCESS
+    ds.SeriesInstanceUID = "1.2.3.5"
+    assert handler.handle_store(FakeEvent(ds, ds.SOPInstanceUID)) == STATUS_SUCCESS
+    files = list(handler.spool.instances.rglob("*.dcm"))
+    assert [f.parent.name for f in files] == ["1.2.3.5"]
+    assert handler.queue.find_instance(ds.SOPInstanceUID)["series_uid"] == "1.2.3.5"
+
+
 def test_out_of_space_answers_a700(handler: StoreHandler) -> None:
     handler.spool.min_free_bytes = 10**18
     ds = mr()
