@@ -548,3 +548,48 @@ def test_node_mutual_tls_accepts_only_clients_with_a_certificate(tmp_path: Path)
         assert n.db_rows("SELECT COUNT(*) FROM instances") == [(1,)]
     finally:
         n.stop()
+
+
+def test_node_concurrent_pushes_and_association_limit(tmp_path: Path) -> None:
+    storescu = _need("storescu")
+    n = NodeProcess(tmp_path / "n", association={"maximum_associations": 3, "acse_timeout": 5,
+                                                 "dimse_timeout": 10, "network_timeout": 10})
+    n.start()
+    try:
+        pushes, expected = [], set()
+        for p in range(3):   # three scanners push one series each, at the same time, same study
+            study = "1.2.826.0.1.3680043.10.543.77"
+            series = generate_uid()
+            folder = tmp_path / f"in{p}"
+            folder.mkdir()
+            for k in range(20):
+                ds = make_mr(folder / f"{k}.dcm", study, series, slice_index=k, size=16)
+                expected.add(ds.SOPInstanceUID)
+            pushes.append(subprocess.Popen(
+                [storescu, "-aet", SCANNER_AET, "-aec", NODE_AET, "127.0.0.1", str(n.port),
+                 *sorted(map(str, folder.glob("*.dcm")))],
+                env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for p in pushes:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0, out
+        stored = {r[0] for r in n.db_rows("SELECT sop_instance_uid FROM instances")}
+        assert stored == expected
+        assert len(list((n.spool / "instances").rglob("*.dcm"))) == 60
+        assert n.status()["studies"][0]["n_instances"] == 60
+        assert [j["state"] for j in n.status()["jobs"]] in (["received"], ["skipped"])  # magnitude only
+
+        # three associations held open: a fourth is refused, and accepted again once one closes
+        held = []
+        for _ in range(3):
+            ae = AE(ae_title="PYNETDICOM")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", n.port, ae_title=NODE_AET)
+            assert assoc.is_established
+            held.append(assoc)
+        assert echo_ok(n.port) is False
+        held.pop().release()
+        assert wait_for(lambda: echo_ok(n.port), 10, "a free association slot")
+        for assoc in held:
+            assoc.release()
+    finally:
+        n.stop()
