@@ -300,6 +300,9 @@ def test_node_stores_from_storescu_and_pynetdicom(node: NodeProcess, tmp_path: P
     job = wait_for(lambda: [j for j in node.status()["jobs"] if j["state"] != "received"],
                    20, "the study to complete")[0]
     assert job["trigger"] == "gre_magnitude_phase"
+    node.stop()                                   # SIGTERM: a clean stop, exit code 0
+    assert node.proc is not None and node.proc.returncode == 0
+    assert len(node.events("node_stopped")) == 1
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
