@@ -1,0 +1,120 @@
+"""Study completion: the quiet period and the trigger rules.
+
+A study is complete when ``study_quiet_seconds`` passed since its last new instance (DICOM has no
+"end of study" message; MONAI Deploy Informatics Gateway uses the same rule). Then the trigger
+rules decide whether the study holds something the app can analyse (GRE magnitude + phase, or a
+QSM or SWI series): if one matches, the study's job is queued for a worker; if none does, the job
+is marked 'skipped' with the reason, and the study stays in the spool.
+
+The clock is injectable (``clock=`` a function returning epoch seconds) so tests drive time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from .config import TriggerRule
+from .logs import log_event
+from .queue import Queue, SeriesInfo
+
+_MAG = re.compile(r"^(M|MAG|MAGNITUDE|M_[A-Z0-9]+)$")
+_PHASE = re.compile(r"^(P|PHA|PHASE|P_[A-Z0-9]+)$")
+_REAL = re.compile(r"^(R|REAL|R_[A-Z0-9]+)$")
+_IMAG = re.compile(r"^(I|IMAGINARY|I_[A-Z0-9]+)$")
+
+#: GE private "image type" (0043,102F): 0 magnitude, 1 phase, 2 real, 3 imaginary.
+_GE_COMPONENT = {0: "magnitude", 1: "phase", 2: "real", 3: "imaginary"}
+
+
+def image_component(image_type: Iterable[str] | str, ge_private: int | None = None) -> str:
+    """Classify an image as 'magnitude', 'phase', 'real', 'imaginary' or '' from its ImageType.
+
+    ``image_type`` is the list of ImageType values (or the values joined with a backslash). Values
+    seen in the wild: Siemens ``ORIGINAL\\PRIMARY\\M\\ND`` / ``...\\P\\ND``; Philips ``M_FFE`` /
+    ``P_FFE``, ``R_FFE``, ``I_FFE``; others ``MAGNITUDE`` / ``PHASE`` / ``REAL`` / ``IMAGINARY``.
+    GE often writes only ``ORIGINAL\\PRIMARY\\OTHER`` and puts the component in (0043,102F), given
+    here as ``ge_private``; it wins when present.
+    """
+    if ge_private is not None and ge_private in _GE_COMPONENT:
+        return _GE_COMPONENT[ge_private]
+    values = image_type.split("\\") if isinstance(image_type, str) else list(image_type)
+    values = [str(v).strip().upper() for v in values]
+    for pattern, name in ((_PHASE, "phase"), (_MAG, "magnitude"), (_REAL, "real"), (_IMAG, "imaginary")):
+        if any(pattern.match(v) for v in values[2:] or values):
+            return name
+    return ""
+
+
+def _considered(rule: TriggerRule, s: SeriesInfo) -> bool:
+    if rule.image_type is not None and not rule.image_type.search(s.image_type):
+        return False
+    if rule.series_description is not None and not rule.series_description.search(s.series_description):
+        return False
+    return True
+
+
+def match_trigger(rules: Iterable[TriggerRule], series: list[SeriesInfo]) -> str | None:
+    """Name of the first rule the study's series satisfy, or None."""
+    for rule in rules:
+        considered = [s for s in series if _considered(rule, s)]
+        if rule.kind == "series":
+            if considered:
+                return rule.name
+        elif rule.kind == "magnitude_phase":
+            parts = {s.component for s in considered}
+            if {"magnitude", "phase"} <= parts or {"real", "imaginary"} <= parts:
+                return rule.name
+    return None
+
+
+class Scheduler:
+    """Closes quiet periods and queues jobs. ``tick()`` does one pass; ``start()`` runs a thread."""
+
+    def __init__(self, queue: Queue, rules: tuple[TriggerRule, ...], quiet_seconds: float,
+                 clock: Callable[[], float] = time.time, poll_seconds: float = 0.5) -> None:
+        self.queue = queue
+        self.rules = rules
+        self.quiet_seconds = quiet_seconds
+        self.clock = clock
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.wake = threading.Event()  # set when a job was queued (workers wait on it)
+
+    def tick(self) -> list[tuple[int, str]]:
+        """One pass: returns (job id, 'queued' | 'skipped') for every job whose quiet period ended."""
+        now = self.clock()
+        changed = []
+        for row in self.queue.receiving_jobs():
+            if now - row["last_received"] < self.quiet_seconds:
+                continue
+            trigger = match_trigger(self.rules, self.queue.study_series(row["study_uid"]))
+            if self.queue.complete_study(row["job_id"], row["study_uid"], row["last_received"],
+                                         trigger, now):
+                state = "queued" if trigger else "skipped"
+                changed.append((row["job_id"], state))
+                log_event("study_complete", study_uid=row["study_uid"],
+                          calling_aet=row["calling_aet"], job_id=row["job_id"], job_state=state,
+                          trigger=trigger)
+        if any(state == "queued" for _, state in changed):
+            self.wake.set()
+        return changed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.tick()
+            except Exception as exc:  # keep the node alive; the next tick retries
+                log_event("scheduler_error", level="error", error=f"{type(exc).__name__}: {exc}")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
