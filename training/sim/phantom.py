@@ -380,6 +380,8 @@ def simulate_subject(
     control: bool = False,
     n_calc: int | None = None,
     cmb_categories: Sequence[str] | None = None,
+    cmb_diameter_mm: tuple[float, float] | None = None,
+    cmb_chi_ppm: tuple[float, float] | None = None,
     pad_factor: float = 1.5,
     timings: dict | None = None,
 ) -> SimulatedStudy:
@@ -398,6 +400,8 @@ def simulate_subject(
         control: a control subject (no microbleeds; calcifications still possible).
         n_calc: number of calcifications; ``None`` -> random 0-3.
         cmb_categories: optional MARS category per microbleed (overrides the 60/30/10 draw; tests).
+        cmb_diameter_mm: optional (min, max) uniform diameter range instead of the skewed 2-10 mm.
+        cmb_chi_ppm: optional (min, max) susceptibility range instead of 0.2-1.5 ppm.
         pad_factor: zero padding of the dipole convolution.
         timings: if a dict is given, seconds per stage are written into it.
     """
@@ -596,7 +600,10 @@ def simulate_subject(
         if len(cand) == 0:
             continue
         for _try in range(200):
-            diameter = float(2.0 + 8.0 * rng.beta(1.3, 3.5))
+            if cmb_diameter_mm is None:
+                diameter = float(2.0 + 8.0 * rng.beta(1.3, 3.5))
+            else:
+                diameter = float(rng.uniform(*cmb_diameter_mm))
             flat_i = int(cand[rng.integers(len(cand))])
             vox = np.array(np.unravel_index(flat_i, ext_shape), dtype=np.float64) + rng.uniform(-0.5, 0.5, 3)
             centre = ext.voxel_to_patient(vox)
@@ -604,7 +611,7 @@ def simulate_subject(
                 break
         else:
             continue
-        chi_v = float(rng.uniform(0.2, 1.5))
+        chi_v = float(rng.uniform(*(cmb_chi_ppm or (0.2, 1.5))))
         r2_v = float(rng.uniform(250.0, 800.0)) * b0 / 3.0
         _place_sphere(chi, r2s, s0, ext, centre, diameter / 2, chi_v, r2_v, s0_jit["cmb"])
         taken.append((centre, diameter / 2))
