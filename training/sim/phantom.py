@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from core import mars
 from core.geometry import Geometry
@@ -667,7 +666,10 @@ def simulate_subject(
     tm["signal_s"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- truth
-    intracranial = np.ascontiguousarray((sd[fov] <= t_csf) & ~air[fov])
+    # intracranial space: brain, CSF layer and the dural sinuses / surface veins (which lie partly
+    # in the inner table of the skull as modelled here)
+    ic_ext = ((sd <= t_csf) | ((vein_frac > 0) & (sd <= t_bone))) & ~air
+    intracranial = np.ascontiguousarray(ic_ext[fov])
     chi_truth = np.where(intracranial, chi[fov], np.float32(0.0)).astype(np.float32)
     extra = {
         "field_ppm": field,
