@@ -23,7 +23,9 @@
 4. **Lesions.** Microbleeds: partial-volume spheres, diameter 2-10 mm (2 + 8 * Beta(1.3, 3.5):
    mostly small), chi 0.2-1.5 ppm, R2* 250-800 1/s; MARS category lobar 60 %, deep 30 %,
    infratentorial 10 % (from the MARS volume sampled on the subject grid); centres at least 6 mm
-   inside the brain, not in CSF, 2 mm or more away from veins and from other lesions.
+   inside the brain, not in CSF, 2 mm or more away from veins and from other lesions; within a
+   category the region is drawn with :data:`CMB_REGION_WEIGHTS` (deep: mostly basal ganglia and
+   thalamus), then a voxel uniformly within it.
    Calcifications (diamagnetic mimics, also in controls): -0.3 to -1.2 ppm, 2-8 mm, 0-3 per subject,
    at the choroid plexus, the pineal gland, the globus pallidus or a random brain position.
 5. **Acquisition** (:mod:`training.sim.acquire`) on the acquisition grid extended 48 mm below and
@@ -86,6 +88,15 @@ R2S_3T = {
 S0 = {"csf": 1000.0, "gm": 850.0, "wm": 720.0, "deep": 800.0, "vein": 800.0, "cmb": 400.0,
       "calc": 300.0, "bone": 50.0, "soft": 800.0}
 CMB_CATEGORY_P = {"lobar": 0.6, "deep": 0.3, "infratentorial": 0.1}
+# Region weights within a category. Lobar: by volume (lobar microbleeds of amyloid angiopathy
+# spread over the cortex). Deep and infratentorial (hypertensive arteriopathy): mostly basal
+# ganglia, thalamus, pons and cerebellum, fewer in the white matter.
+CMB_REGION_WEIGHTS: dict[str, float | None] = {
+    "frontal": None, "parietal": None, "temporal": None, "occipital": None, "insula": None,
+    "basal_ganglia": 0.35, "thalamus": 0.30, "internal_capsule": 0.08, "external_capsule": 0.07,
+    "corpus_callosum": 0.05, "deep_periventricular_wm": 0.15,
+    "brainstem": 0.5, "cerebellum": 0.5,
+}
 MIN_DEPTH_MM = 6.0
 
 
@@ -543,14 +554,20 @@ def simulate_subject(
     taken: list[tuple[np.ndarray, float]] = []
     kz = np.arange(ext_shape[2])
     in_fov_k = (kz >= n_below + 3) & (kz < n_below + shape[2] - 3)
-    cat_of_region = np.zeros(256, dtype=np.uint8)
-    for r in mars.MARS_REGIONS:
-        cat_of_region[r.index] = 1 + mars.CATEGORIES.index(r.category)
-    cat_ext = cat_of_region[mreg_ext]
     base_ok = brain_ext & (depth_ext >= MIN_DEPTH_MM) & (csfp_ext < 0.5) & (vein_frac == 0)
     base_ok &= in_fov_k[None, None, :]
-    cand_by_cat = {c: np.flatnonzero(base_ok & (cat_ext == 1 + i)) for i, c in enumerate(mars.CATEGORIES)}
-    del base_ok, cat_ext
+    ok_regions = np.where(base_ok, mreg_ext, 0).ravel()
+    del base_ok
+    order = np.argsort(ok_regions, kind="stable")
+    bounds = np.searchsorted(ok_regions[order], np.arange(len(mars.MARS_REGIONS) + 2))
+    cand_by_region = {r.key: order[bounds[r.index]:bounds[r.index + 1]] for r in mars.MARS_REGIONS}
+    del ok_regions, order
+
+    def region_weights(cat: str) -> tuple[list[str], np.ndarray]:
+        keys = [r.key for r in mars.MARS_REGIONS if r.category == cat and len(cand_by_region[r.key])]
+        w = np.array([CMB_REGION_WEIGHTS[k] if CMB_REGION_WEIGHTS[k] is not None
+                      else float(len(cand_by_region[k])) for k in keys], dtype=np.float64)
+        return keys, (w / w.sum() if len(w) else w)
 
     def free(centre: np.ndarray, radius: float) -> bool:
         for c2, r2_ in taken:
@@ -595,10 +612,11 @@ def simulate_subject(
     cats = list(cmb_categories) if cmb_categories is not None else None
     for n in range(n_c):
         cat = cats[n % len(cats)] if cats else str(rng.choice(mars.CATEGORIES, p=[CMB_CATEGORY_P[c] for c in mars.CATEGORIES]))
-        cand = cand_by_cat[cat]
-        if len(cand) == 0:
+        keys, weights = region_weights(cat)
+        if not keys:
             continue
         for _try in range(200):
+            cand = cand_by_region[keys[int(rng.choice(len(keys), p=weights))]]
             if cmb_diameter_mm is None:
                 diameter = float(2.0 + 8.0 * rng.beta(1.3, 3.5))
             else:
