@@ -339,8 +339,8 @@ def venous_polylines(rng: np.random.Generator) -> list[tuple[str, np.ndarray, fl
         s = np.linspace(0, 1, 5)
         pts = p0[:, None] + (d[:, None] * s + bend[:, None] * s**2) * length
         wm = anatomy.sample(T.wm + T.gm, T.affine, pts, order=1)
-        keep = np.cumprod(wm > 0.5) > 0
-        keep[0] = True
+        keep = np.ones(pts.shape[1], dtype=bool)  # the first point is on the ventricle wall
+        keep[1:] = np.cumprod(wm[1:] > 0.5) > 0
         pts = pts[:, keep]
         if pts.shape[1] >= 2:
             out.append((f"medullary_vein_{n}", pts, float(rng.uniform(0.35, 0.7)), chi_vein()))
