@@ -94,15 +94,17 @@ def test_cmb_phase_polarity(study):
         d = int(np.ceil(0.75 * l.diameter_mm / g.spacing[0]))  # 1.5 radii away
         poles = [c + [0, 0, d], c - [0, 0, d]]
         equator = [c + [d, 0, 0], c - [d, 0, 0], c + [0, d, 0], c - [0, d, 0]]
-        ref = ph[tuple(c)]
-        pole = np.mean([np.angle(np.exp(1j * (ph[tuple(p)] - ref))) for p in poles])
-        eq = np.mean([np.angle(np.exp(1j * (ph[tuple(p)] - ref))) for p in equator])
+        # phase difference of the averaged signals (the lesion centre itself is dark and noisy)
+        pole = np.sum([np.exp(1j * ph[tuple(p)]) for p in poles])
+        eq = np.sum([np.exp(1j * ph[tuple(p)]) for p in equator])
+        diff = float(np.angle(pole * np.conj(eq)))
         if l.kind == "cmb":
-            assert pole - eq > 0.2, l.to_json()
-        else:  # diamagnetic calcification: the opposite pattern
-            assert pole - eq < -0.1, l.to_json()
-        checked += 1
-    assert checked == 8
+            assert diff > 0.2, (diff, l.to_json())
+            checked += 1
+        elif l.diameter_mm >= 4.0:  # resolved diamagnetic calcification: the opposite pattern
+            assert diff < -0.1, (diff, l.to_json())
+            checked += 1
+    assert checked == 8  # this seed's two calcifications are 5.4 and 6.9 mm
 
 
 def test_cmb_blooming_at_last_echo(study):
