@@ -98,6 +98,8 @@ CMB_REGION_WEIGHTS: dict[str, float | None] = {
     "brainstem": 0.5, "cerebellum": 0.5,
 }
 MIN_DEPTH_MM = 6.0
+DEEP_LABELS = (("caudate", ("Caudate",)), ("putamen", ("Putamen",)), ("pallidum", ("Pallidum",)),
+               ("thalamus", ("Thalamus_Proper",)))
 
 
 # --------------------------------------------------------------------------- subject transform
@@ -451,7 +453,6 @@ def simulate_subject(
     gm = samp(T.gm, 1)
     wm = samp(T.wm, 1)
     depth = samp(T.depth_mm, 1) * np.float32(xf.scale)
-    labels = samp(T.atlas.labels, 0, T.atlas.affine).astype(np.int32)
     mreg = samp(T.mars_region, 0, T.atlas.affine).astype(np.uint8)
     mside = samp(T.mars_side, 0, T.atlas.affine).astype(np.uint8)
     tm["anatomy_s"] = time.perf_counter() - t0
@@ -496,21 +497,30 @@ def simulate_subject(
     r2_b = gm * r2_jit["gm"] + wm * r2_jit["wm"] + csf_p * r2_jit["csf"]
     s0_b = gm * s0_jit["gm"] + wm * s0_jit["wm"] + csf_p * s0_jit["csf"]
     deep_codes = np.zeros(len(inb), dtype=np.uint8)
-    nuclei = [("caudate", ("Caudate",)), ("putamen", ("Putamen",)), ("pallidum", ("Pallidum",)),
-              ("thalamus", ("Thalamus_Proper",))]
     iron = {k: CHI_DEEP[k] * chi_scale * rng.uniform(0.9, 1.1) for k in CHI_DEEP}
-    for name, bases in nuclei:
-        sel = np.isin(labels, T.label_ids(*bases)) & (pb > 0.5)
-        deep_codes[sel] = anatomy.DEEP_GM_CODES[name]
+    # deep grey nuclei with partial volume: trilinear one-hot of the atlas labels, soft-edged
+    # ellipsoids for the nuclei the atlas does not separate
+    near = (np.abs(pts[0]) < 40.0) & (pts[1] > -70.0) & (pts[1] < 40.0) & (pts[2] > -50.0) & (pts[2] < 35.0)
+    near_idx = np.flatnonzero(near & (pb > 0.0))
+    sub_pts = pts[:, near_idx]
+    fractions: list[tuple[str, np.ndarray]] = []
+    for name, bases in DEEP_LABELS:
+        onehot = np.isin(T.atlas.labels, T.label_ids(*bases)).astype(np.float32)
+        fractions.append((name, anatomy.sample(onehot, T.atlas.affine, sub_pts, order=1)))
+    vox_mm = float(np.mean(voxel))
     for name, c, semi in anatomy.IRON_NUCLEI:
-        key = name.rsplit("_", 1)[0]
-        sel = _ellipsoid(pts, c, semi) & (pb > 0.5)
-        deep_codes[sel] = anatomy.DEEP_GM_CODES[key]
-    for key, code in anatomy.DEEP_GM_CODES.items():
-        sel = deep_codes == code
-        chi_b[sel] = iron[key]
-        r2_b[sel] = r2_jit[key]
-        s0_b[sel] = s0_jit["deep"]
+        e = np.zeros(len(near_idx), dtype=np.float32)
+        for a in range(3):
+            e += ((sub_pts[a] - np.float32(c[a])) / np.float32(semi[a])) ** 2
+        depth_in = (1.0 - np.sqrt(e)) * np.float32(min(semi))  # ~mm inside the surface
+        fractions.append((name.rsplit("_", 1)[0], np.clip(depth_in / vox_mm + 0.5, 0.0, 1.0)))
+    for key, f in fractions:
+        if not f.any():
+            continue
+        chi_b[near_idx] += f * (np.float32(iron[key]) - chi_b[near_idx])
+        r2_b[near_idx] += f * (np.float32(r2_jit[key]) - r2_b[near_idx])
+        s0_b[near_idx] += f * (np.float32(s0_jit["deep"]) - s0_b[near_idx])
+        deep_codes[near_idx[(f >= 0.5) & (pb[near_idx] > 0.5)]] = anatomy.DEEP_GM_CODES[key]
     flat_chi, flat_r2, flat_s0 = chi.reshape(-1), r2s.reshape(-1), s0.reshape(-1)
     inside_hull = sd.reshape(-1)[inb] <= 0.0
     in_brainish = inside_hull | (pb > 0.0)
@@ -531,7 +541,7 @@ def simulate_subject(
     mside_ext = full(mside, np.uint8)
     deep_ext = full(deep_codes, np.uint8)
     csfp_ext = full(csf_p, np.float32, 1.0)
-    del gm, wm, labels, chi_b, r2_b, s0_b, csf_p
+    del gm, wm, chi_b, r2_b, s0_b, csf_p
     tm["tissue_s"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- veins
