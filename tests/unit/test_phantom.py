@@ -198,3 +198,18 @@ def test_tilted_slab_sees_the_same_head():
     deep_flat = (flat.extra_truth["deep_gm_labels"] > 0).sum()
     deep_tilt = (tilt.extra_truth["deep_gm_labels"] > 0).sum()
     assert abs(deep_flat - deep_tilt) / deep_flat < 0.1
+
+
+def test_single_echo_anisotropic_and_bad_input():
+    from core.errors import ConfigError
+
+    s = phantom.simulate_subject("x", 5, voxel_mm=(3.0, 3.0, 4.0), echo_times_s=[phantom.SINGLE_ECHO_TIME_S],
+                                 field_strength_t=1.5, n_cmb=2, n_calc=0)
+    assert s.magnitude.shape == (1,) + s.geometry.shape
+    assert s.geometry.spacing == (3.0, 3.0, 4.0)
+    assert s.acquisition.echo_times_s == [0.023] and s.acquisition.field_strength_t == 1.5
+    assert len([l for l in s.lesions if l.kind == "cmb"]) == 2
+    with pytest.raises(ConfigError):
+        phantom.simulate_subject("x", 5, echo_times_s=[23.0])  # milliseconds by mistake
+    with pytest.raises(ConfigError):
+        phantom.simulate_subject("x", 5, voxel_mm=(1.0, 0.0, 1.0))

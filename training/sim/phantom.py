@@ -48,6 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from core import mars
+from core.errors import ConfigError
 from core.geometry import Geometry
 from training.sim import acquire, anatomy
 from training.sim.study import Acquisition, Lesion, SimulatedStudy
@@ -416,7 +417,20 @@ def simulate_subject(
         cmb_chi_ppm: optional (min, max) susceptibility range instead of 0.2-1.5 ppm.
         pad_factor: zero padding of the dipole convolution.
         timings: if a dict is given, seconds per stage are written into it.
+
+    Returns:
+        The study; ``lesions`` may hold fewer microbleeds / calcifications than asked when no free
+        position was found in 200 tries (only happens on very coarse or tiny grids).
+
+    Raises:
+        ConfigError: invalid voxel size, echo times, SNR or field strength.
     """
+    if len(voxel_mm) != 3 or min(voxel_mm) <= 0:
+        raise ConfigError(f"voxel size must be three positive numbers in mm, got {tuple(voxel_mm)}")
+    if not len(echo_times_s) or min(echo_times_s) <= 0 or max(echo_times_s) > 0.2:
+        raise ConfigError(f"echo times must be positive and given in seconds, got {list(echo_times_s)}")
+    if snr <= 0 or field_strength_t <= 0:
+        raise ConfigError("SNR and field strength must be positive")
     tick = time.perf_counter()
     tm = {} if timings is None else timings
     rng = np.random.default_rng(seed)
