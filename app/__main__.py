@@ -1,0 +1,126 @@
+"""Command line: ``python -m app -i IN -o OUT [-m MODELS] [--phase-flip]``.
+
+Paths fall back to the MONAI Deploy environment variables ``HOLOSCAN_INPUT_PATH``,
+``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``. Exit status: 0 success; 2 unusable input or
+configuration (one line on stderr says why); 1 internal error. Results appear in OUT only when the
+whole run succeeded (see :mod:`core.outputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+# Holoscan wants a 32 MiB stack for its threads and warns on every run below that.
+_STACK_BYTES = 32 * 1024 * 1024
+
+
+def _raise_stack_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    want = _STACK_BYTES if hard == resource.RLIM_INFINITY else min(_STACK_BYTES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+
+
+@contextlib.contextmanager
+def _framework_log(path: Path | None):
+    """Send everything written to fd 1/2 (Holoscan's C++ logging included) to ``path``.
+
+    The user sees our own one-line outcome; the framework's log goes to OUT/app.log on success.
+    ``path=None`` leaves the terminal untouched (``-l DEBUG``).
+    """
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
+    p.add_argument("-i", "--input", type=Path, default=os.environ.get("HOLOSCAN_INPUT_PATH"),
+                   help="folder of DICOM files, any layout (env HOLOSCAN_INPUT_PATH)")
+    p.add_argument("-o", "--output", type=Path, default=os.environ.get("HOLOSCAN_OUTPUT_PATH"),
+                   help="results folder (env HOLOSCAN_OUTPUT_PATH)")
+    p.add_argument("-m", "--model", type=Path, default=os.environ.get("HOLOSCAN_MODEL_PATH"),
+                   help="model folder (env HOLOSCAN_MODEL_PATH; default: models/ of this repository)")
+    p.add_argument("--phase-flip", action="store_true",
+                   default=os.environ.get("CMB_PHASE_FLIP", "").lower() in ("1", "true", "yes"),
+                   help="negate the phase (for scanners whose phase polarity is opposite; env CMB_PHASE_FLIP)")
+    p.add_argument("-l", "--log-level", default=os.environ.get("HOLOSCAN_LOG_LEVEL", "WARN"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.input is None or args.output is None:
+        print("error: input and output folders are required (-i/-o or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH)",
+              file=sys.stderr)
+        return 2
+    if not Path(args.input).is_dir():
+        print(f"error: input folder does not exist: {args.input}", file=sys.stderr)
+        return 2
+    os.environ["HOLOSCAN_LOG_LEVEL"] = args.log_level.upper()
+    _raise_stack_limit()
+    warnings.filterwarnings("ignore", message=".*stack size.*")
+
+    from app.app import AppConfig, CMBApp
+    from core.errors import CMBError
+    from core.outputs import StagedOutput
+
+    debug = args.log_level.upper() == "DEBUG"
+    stage = StagedOutput(Path(args.output))
+    config = AppConfig(Path(args.input), stage.path, args.model, args.phase_flip)
+    fd, log_name = tempfile.mkstemp(prefix="cmb-app-", suffix=".log")
+    os.close(fd)
+    log_path = Path(log_name)
+    try:
+        with _framework_log(None if debug else log_path):
+            CMBApp(config).run()
+        if not debug:
+            os.replace(log_path, stage.path / "app.log")
+        written = stage.commit()
+    except CMBError as exc:
+        stage.abort()
+        log_path.unlink(missing_ok=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line for the operator; details stay in the log
+        stage.abort()
+        print(f"error: internal failure: {type(exc).__name__}: {exc} (log: {log_path})", file=sys.stderr)
+        if debug:
+            raise
+        return 1
+    out = Path(args.output)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    inp = summary.get("input", {})
+    print(f"read {inp.get('manufacturer', '?')} GRE: {inp.get('n_echoes', '?')} echo(es) at "
+          f"{inp.get('echo_times_ms', '?')} ms, {inp.get('field_strength_t', '?')} T, "
+          f"grid {inp.get('geometry', {}).get('shape', '?')} @ {inp.get('geometry', {}).get('spacing_mm', '?')} mm")
+    print(f"wrote {len(written)} file(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The application's operator chain, in the order the data flows.
+
+    load -> select + volume -> summary (magnitude/phase NIfTI, summary.json)
+
+Later steps (mask, unwrap, field, QSM, candidates, V-Net, MARS, reports) join this chain as they
+are built; nothing downstream is pretended before it exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application
+
+from operators.gre_loader import GREStudyLoaderOperator
+from operators.gre_selector import GRESeriesSelectorOperator
+from operators.study_summary import StudySummaryWriterOperator
+
+
+@dataclass
+class AppConfig:
+    """Resolved run settings (CLI flags, else HOLOSCAN_* environment, else defaults)."""
+
+    input_dir: Path
+    output_dir: Path
+    model_dir: Path | None = None
+    phase_flip: bool = False
+
+
+class CMBApp(Application):
+    """Cerebral microbleed detection on QSM, as a MONAI Deploy application."""
+
+    name = "cmb-qsm"
+    description = "QSM reconstruction and cerebral microbleed detection from multi-echo GRE DICOM"
+
+    def __init__(self, config: AppConfig, *args, **kwargs) -> None:
+        self.config = config
+        super().__init__(*args, **kwargs)
+
+    def compose(self) -> None:
+        cfg = self.config
+        load = GREStudyLoaderOperator(self, CountCondition(self, 1), input_folder=cfg.input_dir, name="load")
+        select = GRESeriesSelectorOperator(self, phase_flip=cfg.phase_flip, name="select")
+        summary = StudySummaryWriterOperator(self, output_folder=cfg.output_dir, name="summary")
+        self.add_flow(load, select, {("datasets", "datasets")})
+        self.add_flow(select, summary, {("gre", "gre")})

@@ -1,0 +1,1 @@
+"""MONAI Deploy operators: thin adapters, one step each, around the algorithms in ``core``."""
