@@ -68,7 +68,6 @@ def _frst_on_axes(
     vol = np.asarray(volume, dtype=np.float32)
     shape = vol.shape
     axes = tuple(axes)
-    other = tuple(a for a in range(vol.ndim) if a not in axes)
     grads = [np.gradient(vol, float(spacing[a]), axis=a).astype(np.float32) for a in axes]
     mag = np.sqrt(sum(g * g for g in grads))
     # Gradient threshold per plane (the 2D transform of one plane sees only that plane).
@@ -112,7 +111,6 @@ def _frst_on_axes(
     out /= max(len(radii), 1)
     if mode == "dark":
         out = -out
-    del other
     return out.astype(np.float32)
 
 
@@ -150,9 +148,21 @@ def frst_2d(
     return _frst_on_axes(image, spacing, radii, (0, 1), alpha, beta, mode)
 
 
-def _normalise(s: np.ndarray) -> np.ndarray:
+def _normalise(s: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Divide by the maximum (inside ``mask``); zero outside ``mask``."""
+    if mask is not None:
+        s = np.where(mask, s, 0.0)
     top = float(np.max(s)) if s.size else 0.0
     return s / top if top > 0 else np.zeros_like(s)
+
+
+def _check_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != shape:
+        raise DetectionError(f"brain mask shape {m.shape} differs from volume shape {shape}")
+    return m
 
 
 def frst_25d(
@@ -163,6 +173,7 @@ def frst_25d(
     beta: float = 0.1,
     mode: Mode = "bright",
     normalise: bool = True,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """2.5D FRST (Xia et al. 2023): product of the normalised 2D FRST of all axial, coronal and
     sagittal planes.
@@ -174,19 +185,22 @@ def frst_25d(
         alpha, beta, mode: as in :func:`frst_2d`.
         normalise: divide the product by its maximum, so it lies in [0, 1] (threshold 0.5 in the
             paper). Each plane orientation's map is always normalised before the product.
+        mask: optional brain mask; maxima for the normalisations are taken inside it and the
+            result is zero outside it (so edge artefacts outside the brain set no scale).
 
     Returns:
         float32 [i, j, k] map, >= 0.
     """
     _check(volume, 3, radii_mm, mode)
+    m = _check_mask(mask, np.shape(volume))
     prod = None
     for axes in ((0, 1), (0, 2), (1, 2)):  # axial (i, j), coronal (i, k), sagittal (j, k)
         s = _frst_on_axes(volume, spacing_mm, radii_mm, axes, alpha, beta, mode)
         s = np.abs(s) if mode == "both" else np.maximum(s, 0.0)
-        s = _normalise(s)
+        s = _normalise(s, m)
         prod = s if prod is None else prod * s
     assert prod is not None
-    return (_normalise(prod) if normalise else prod).astype(np.float32)
+    return (_normalise(prod, m) if normalise else prod).astype(np.float32)
 
 
 def frst_3d(
@@ -197,12 +211,16 @@ def frst_3d(
     beta: float = 0.1,
     mode: Mode = "bright",
     normalise: bool = True,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """3D FRST: votes along the 3-D gradient (same equations, k_n and Gaussian per radius).
 
     Args and Returns as :func:`frst_25d`.
     """
     _check(volume, 3, radii_mm, mode)
+    m = _check_mask(mask, np.shape(volume))
     s = _frst_on_axes(volume, spacing_mm, radii_mm, (0, 1, 2), alpha, beta, mode)
     s = np.abs(s) if mode == "both" else np.maximum(s, 0.0)
-    return (_normalise(s) if normalise else s).astype(np.float32)
+    if m is not None:
+        s = np.where(m, s, 0.0)
+    return (_normalise(s, m) if normalise else s).astype(np.float32)

@@ -14,14 +14,18 @@ Models"; Milletari et al. 2016 for V-Net):
   sigmoid of the global max-pool of those logits (= max of the voxel probabilities).
 
 The text says 5x5x5 convolutions and 5x5x5 transposed convolutions, but with 8-64 channels that
-alone gives 2.4 million parameters. With 3x3x3 convolutions and 2x2x2 transposed convolutions the
+gives 2,977,489 parameters. With 3x3x3 convolutions and 2x2x2 transposed convolutions the
 count is exactly the paper's: 611,265 in total, 610,097 trainable and 1,168 non-trainable (the
 batch-norm running means and variances of 584 channels: 440 in the encoder, 144 in the decoder).
 The same encoder plus a dense layer reproduces the paper's ResNet total of 452,529 exactly
 (``core.detect.resnet``). So the defaults here are ``kernel_size=3, up_kernel_size=2``; the text's
 reading is available as ``kernel_size=5, up_kernel_size=5``. The layer split of the decoder
 (3, 2, 2) is inferred from the counts (it is the split that gives both 144 batch-norm channels and
-the exact total), not stated in the paper.
+the exact total), not stated in the paper. Our network has 16 convolution layers with 3x3x3
+kernels (9 encoder, 7 decoder) plus the 1x1x1 head, 3 down-sampling and 3 up-sampling layers; the
+paper's "18 convolutional layers" does not say which of these it counts.
+
+Batch norm: call ``model.eval()`` for inference (running statistics), train with batches > 1.
 
 MONAI's ``monai.networks.nets.VNet`` does not fit: it has a fixed 16-channel top level, five levels
 with (1, 2, 3, 3, 3) layers, ELU and dropout, and no option for the channel width; hence our own.

@@ -85,3 +85,29 @@ def test_bad_input_is_refused() -> None:
         frst_25d(np.zeros((4, 4)), (1, 1, 1))
     with pytest.raises(DetectionError):
         frst_2d(np.zeros((4, 4)), radii=[])
+
+
+def test_25d_mask_sets_the_scale_and_zeroes_outside() -> None:
+    vol, c = sphere_and_tube((1.0, 1.0, 1.0))
+    # A brighter, larger sphere outside the mask must not set the normalisation.
+    g = np.meshgrid(*[np.arange(n, dtype=float) for n in vol.shape], indexing="ij")
+    big = sum((gi - ci) ** 2 for gi, ci in zip(g, (24, 24, 6))) <= 3.0**2
+    vol[big] = 5.0
+    mask = np.ones(vol.shape, bool)
+    mask[18:, 18:, :12] = False
+    f_all = frst_25d(vol, (1.0, 1.0, 1.0), radii_mm=(1.0, 2.0, 3.0))
+    f_in = frst_25d(vol, (1.0, 1.0, 1.0), radii_mm=(1.0, 2.0, 3.0), mask=mask)
+    assert f_all[c] < 0.5  # without the mask the outside sphere dominates
+    assert f_in[c] == pytest.approx(1.0)
+    assert not f_in[~mask].any()
+    with pytest.raises(DetectionError):
+        frst_25d(vol, (1.0, 1.0, 1.0), mask=mask[:-1])
+
+
+def test_both_mode_is_signed_sum_of_bright_and_dark() -> None:
+    img = _disk_and_line()
+    img[50:55, 50:55] = -1.0  # a dark square
+    both = frst_2d(img, radii=[3], mode="both")
+    bright = frst_2d(img, radii=[3], mode="bright")
+    assert np.unravel_index(np.argmax(both), both.shape) == np.unravel_index(np.argmax(bright), bright.shape)
+    assert both[52, 52] < 0 < both[30, 40]
