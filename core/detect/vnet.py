@@ -27,8 +27,9 @@ paper's "18 convolutional layers" does not say which of these it counts.
 
 Batch norm: call ``model.eval()`` for inference (running statistics), train with batches > 1.
 
-MONAI's ``monai.networks.nets.VNet`` does not fit: it has a fixed 16-channel top level, five levels
-with (1, 2, 3, 3, 3) layers, ELU and dropout, and no option for the channel width; hence our own.
+MONAI's ``monai.networks.nets.VNet`` does not fit: it is Milletari's original with a fixed 16-channel
+top level, five levels (16-256 channels; 1, 1, 2, 3, 2 layers), 5x5x5 kernels, ELU and dropout, no
+option for the width or depth, and 45,593,892 parameters; hence our own.
 
 Input patches: 32x32x32 voxels (must be divisible by 8 for three 2x down-samplings; the paper does
 not state its patch size). 32 voxels of 0.5-1 mm cover a 10 mm CMB with its surroundings.
