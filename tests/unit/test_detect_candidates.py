@@ -7,6 +7,7 @@ import torch
 
 from core.detect.candidates import (
     ConvScreen,
+    cube_shapes,
     erode_brain_mask,
     extract_cubes,
     find_candidates,
@@ -87,3 +88,18 @@ def test_conv_screen_shapes_and_learns_sphere_vs_tube_cubes() -> None:
     assert net(x).shape == (len(pos) + len(neg),)
     assert losses[-1] < 0.5 * losses[0]
     assert ((net(x) > 0).float() == y).all()
+
+
+def test_cube_shapes_are_contrast_invariant_and_differ_for_sphere_and_tube() -> None:
+    vol, c = sphere_and_tube((1.0, 1.0, 1.0))
+    f = frst_25d(vol, (1.0, 1.0, 1.0), radii_mm=(1.0, 2.0, 3.0), normalise=False)
+    cubes = extract_cubes(f, np.array([c, (8, 8, 16)]))
+    shapes = cube_shapes(cubes)
+    assert shapes.shape == (2, 7, 7, 7)
+    assert set(np.unique(shapes)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(cube_shapes(cubes * 1e-3), shapes)
+    assert shapes[0, 3, 3, 3] == 1.0 and shapes[1].max() == 1.0
+    # The sphere's shape is compact (within 2 voxels of the centre); the tube's runs along k.
+    assert shapes[0][:, :, [0, 6]].sum() == 0
+    assert shapes[1][:, :, [0, 6]].sum() > 0
+    assert cube_shapes(np.zeros((1, 7, 7, 7))).sum() == 0
