@@ -81,7 +81,7 @@ def _frst_on_axes(
     strides = np.array([int(np.prod(shape[a + 1 :])) for a in range(vol.ndim)], dtype=np.int64)
     base = sum(coords[a].astype(np.int64) * strides[a] for a in range(vol.ndim))
     size = vol.size
-    out = np.zeros(shape, dtype=np.float64)
+    out = np.zeros(shape, dtype=np.float32)
     for n in radii:
         n = float(n)
         offs = [np.rint(n * u / float(spacing[a])).astype(np.int64) for u, a in zip(units, axes)]
@@ -102,8 +102,14 @@ def _frst_on_axes(
             idx = flat[valid]
             o_n += s * np.bincount(idx, minlength=size)
             m_n += s * np.bincount(idx, weights=m[valid], minlength=size)
-        o_t = np.sign(o_n) * np.minimum(np.abs(o_n), k_n)
-        f_n = (m_n / k_n) * (np.abs(o_t) / k_n) ** alpha
+        # |O~_n| / k_n = min(|O_n|, k_n) / k_n; float32 from here (counts and sums are exact enough).
+        o_abs = np.minimum(np.abs(o_n), k_n).astype(np.float32)
+        o_abs /= np.float32(k_n)
+        o_pow = o_abs * o_abs if alpha == 2 else o_abs ** np.float32(alpha)
+        f_n = m_n.astype(np.float32)
+        f_n /= np.float32(k_n)
+        f_n *= o_pow
+        del o_abs, o_pow, o_n, m_n
         sigma = [0.0] * vol.ndim
         for a in axes:
             sigma[a] = 0.25 * n / float(spacing[a])
