@@ -46,19 +46,26 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
-def _distance_inside(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside (array border = outside)."""
+def _distance_inside(mask: np.ndarray, spacing_mm: Sequence[float], border_inside: bool = False) -> np.ndarray:
+    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside (array border = outside
+    unless ``border_inside``)."""
+    if border_inside:
+        return ndi.distance_transform_edt(mask, sampling=spacing_mm)
     padded = np.pad(mask, 1, constant_values=False)
     d = ndi.distance_transform_edt(padded, sampling=spacing_mm)
     return d[1:-1, 1:-1, 1:-1]
 
 
-def erode_mask(mask: np.ndarray, mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Voxels whose ball of radius ``mm`` lies inside ``mask`` (the array border counts as outside)."""
+def erode_mask(mask: np.ndarray, mm: float, spacing_mm: Sequence[float], *, border_inside: bool = False) -> np.ndarray:
+    """Voxels whose ball of radius ``mm`` lies inside ``mask``.
+
+    The array border counts as outside, unless ``border_inside`` (used for closing, where the mask
+    may run off the array).
+    """
     mask = np.asarray(mask, dtype=bool)
     if mm <= 0:
         return mask.copy()
-    return _distance_inside(mask, spacing_mm) > mm
+    return _distance_inside(mask, spacing_mm, border_inside) > mm
 
 
 def dilate_mask(mask: np.ndarray, mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
@@ -70,14 +77,41 @@ def dilate_mask(mask: np.ndarray, mm: float, spacing_mm: Sequence[float]) -> np.
 
 
 def _largest_core(fg: np.ndarray, bridge_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """Largest connected component of ``fg`` eroded by ``bridge_mm``."""
-    core = erode_mask(fg, bridge_mm, spacing)
+    """Largest connected component of ``fg`` eroded by ``bridge_mm``.
+
+    Computed on every second voxel (8x fewer for the distance transform) when the volume is large
+    enough, then brought back to full size (nearest neighbour) and intersected with ``fg``; the
+    up-to-one-voxel blockiness is absorbed by the growth back in :func:`brain_mask`.
+    """
+    step = 2 if min(fg.shape) >= 48 else 1
+    small = fg[::step, ::step, ::step]
+    core = erode_mask(small, bridge_mm, spacing * step)
     labels, n = ndi.label(core)
     if n == 0:
         raise ReconstructionError("no brain found in the magnitude image (nothing thicker than a few mm)")
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    core = labels == int(np.argmax(sizes))
+    if step > 1:
+        for ax in range(3):
+            core = np.repeat(core, step, axis=ax)
+        core = core[: fg.shape[0], : fg.shape[1], : fg.shape[2]]
+    return core & fg
+
+
+def _boxed(mask: np.ndarray, margin_mm: float, spacing: np.ndarray, fn) -> np.ndarray:
+    """Apply a morphological ``fn`` to the bounding box of ``mask`` grown by ``margin_mm`` only."""
+    margin = [int(np.ceil(margin_mm / d)) + 2 for d in spacing]
+    out = np.zeros_like(mask)
+    if not mask.any():
+        return out
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append(slice(max(idx[0] - margin[ax], 0), min(idx[-1] + 1 + margin[ax], mask.shape[ax])))
+    box = tuple(box)
+    out[box] = fn(mask[box])
+    return out
 
 
 def brain_mask(
@@ -114,12 +148,16 @@ def brain_mask(
     tissue = float(np.median(img[first]))
     fg = img > bg + threshold_fraction * (tissue - bg)
     core = _largest_core(fg, bridge_mm, spacing)
-    brain = dilate_mask(core, bridge_mm + 0.5 * float(spacing.max()), spacing) & fg
+    grow = bridge_mm + 1.5 * float(spacing.max())
+    brain = _boxed(core, grow, spacing, lambda m: dilate_mask(m, grow, spacing)) & fg
 
     brain = ndi.binary_fill_holes(brain)
     if close_mm > 0:
-        brain = erode_mask(dilate_mask(brain, close_mm, spacing), close_mm, spacing) | brain
-        brain = ndi.binary_fill_holes(brain)
+        closed = _boxed(
+            brain, close_mm, spacing,
+            lambda m: erode_mask(dilate_mask(m, close_mm, spacing), close_mm, spacing, border_inside=True),
+        )
+        brain = ndi.binary_fill_holes(closed | brain)
     if smooth_mm > 0:
         brain = ndi.gaussian_filter(brain.astype(np.float32), sigma=sigma) > 0.5
     labels, n = ndi.label(brain)

@@ -25,6 +25,7 @@ import numpy as np
 
 from core.errors import ReconstructionError
 from core.geometry import Geometry
+from core.qsm._fft import mask_bbox, pad_voxels_for
 from core.qsm.echo_fit import fit_field_ppm, remove_phase_offset
 from core.qsm.mask import brain_mask
 from core.qsm.star import star_qsm
@@ -33,6 +34,7 @@ from core.qsm.unwrap import laplacian_unwrap
 from core.qsm.vsharp import vsharp
 
 MIN_VOXELS_PER_AXIS = 16
+CROP_MARGIN_MM = 6.0  # margin kept around the brain mask's bounding box after masking
 
 
 @dataclass
@@ -117,6 +119,12 @@ def reconstruct(
         raise ReconstructionError("brain mask is empty; no brain found in the magnitude image")
     timings["mask"] = time.perf_counter() - t
 
+    # Everything after the mask works on the mask's bounding box plus a margin (less noise-only
+    # phase to unwrap, smaller FFTs); results are pasted back into full-size arrays.
+    box = mask_bbox(mask, pad_voxels_for(spacing, CROP_MARGIN_MM))
+    full_shape = mask.shape
+    mag, ph, mask_box = mag[(slice(None),) + box], ph[(slice(None),) + box], mask[box]
+
     t = time.perf_counter()
     if remove_offset and ph.shape[0] >= 2:
         psi, weights, dte = remove_phase_offset(ph, mag, te)
@@ -126,12 +134,12 @@ def reconstruct(
     timings["unwrap"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    total = fit_field_ppm(unwrapped, weights, dte, float(field_strength_t), mask)
-    total = np.where(mask, total, 0.0).astype(np.float32)
+    total = fit_field_ppm(unwrapped, weights, dte, float(field_strength_t), mask_box)
+    total = np.where(mask_box, total, 0.0).astype(np.float32)
     timings["echo_fit"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    local, eroded = vsharp(total, mask, spacing, device=device)
+    local, eroded = vsharp(total, mask_box, spacing, device=device)
     timings["vsharp"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -142,4 +150,10 @@ def reconstruct(
     chi = np.where(eroded, chi - chi[eroded].mean(), 0.0).astype(np.float32)
     timings[method] = time.perf_counter() - t
     timings["total"] = sum(timings.values())
-    return QSMResult(chi, mask, eroded, local, total, timings, method)
+
+    def full(a: np.ndarray) -> np.ndarray:
+        out = np.zeros(full_shape, dtype=a.dtype)
+        out[box] = a
+        return out
+
+    return QSMResult(full(chi), mask, full(eroded), full(local), full(total), timings, method)

@@ -58,9 +58,10 @@ def wrapped_laplacian(phase: torch.Tensor, spacing_mm: Sequence[float], method: 
     else:
         raise ValueError(f"unknown Laplacian method {method!r}")
     out = torch.zeros_like(phase)
+    # sin and wrap are odd, so each backward difference is minus the shifted forward one
     for ax, dx in enumerate(spacing_mm):
-        w = 1.0 / float(dx) ** 2
-        out += w * (g(torch.roll(phase, 1, dims=ax) - phase) + g(torch.roll(phase, -1, dims=ax) - phase))
+        fwd = g(torch.roll(phase, -1, dims=ax) - phase)  # g(phi[i+1] - phi[i])
+        out += (fwd - torch.roll(fwd, 1, dims=ax)) / float(dx) ** 2
     return out
 
 
