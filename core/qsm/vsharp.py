@@ -111,7 +111,8 @@ def vsharp(
             reduced = torch.where(sel, g, reduced)
             done |= sel
     one_minus = 1.0 - s_max
-    inv = torch.where(one_minus.abs() > tsvd, 1.0 / torch.where(one_minus.abs() > tsvd, one_minus, torch.ones_like(one_minus)), torch.zeros_like(one_minus))
+    keep = one_minus.abs() > tsvd
+    inv = torch.where(keep, 1.0 / torch.where(keep, one_minus, torch.ones_like(one_minus)), torch.zeros_like(one_minus))
     local = torch.fft.irfftn(torch.fft.rfftn(reduced) * inv, s=pshape)
     local = torch.where(done, local, torch.zeros_like(local))[sl].cpu().numpy()
     out = np.zeros(mask.shape, dtype=np.float32)
