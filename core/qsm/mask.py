@@ -46,7 +46,9 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
-def _distance_inside(mask: np.ndarray, spacing_mm: Sequence[float], border_inside: bool = False) -> np.ndarray:
+def _distance_inside(
+    mask: np.ndarray, spacing_mm: Sequence[float], border_inside: bool = False
+) -> np.ndarray:
     """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside (array border = outside
     unless ``border_inside``)."""
     if border_inside:
@@ -56,7 +58,9 @@ def _distance_inside(mask: np.ndarray, spacing_mm: Sequence[float], border_insid
     return d[1:-1, 1:-1, 1:-1]
 
 
-def erode_mask(mask: np.ndarray, mm: float, spacing_mm: Sequence[float], *, border_inside: bool = False) -> np.ndarray:
+def erode_mask(
+    mask: np.ndarray, mm: float, spacing_mm: Sequence[float], *, border_inside: bool = False
+) -> np.ndarray:
     """Voxels whose ball of radius ``mm`` lies inside ``mask``.
 
     The array border counts as outside, unless ``border_inside`` (used for closing, where the mask

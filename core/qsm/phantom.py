@@ -3,7 +3,8 @@
 Nested ellipsoids in millimetres around the volume centre: brain (white matter core, grey matter
 shell, two deep grey nuclei, two ventricles, a CSF rim, one vein, microbleeds and a calcification),
 a dark bone shell, a bright scalp, air outside and a frontal sinus (air) below the brain.
-Susceptibility is relative to air (tissue about -9.4 ppm), so the field has a realistic several-ppm background.
+Susceptibility is relative to air (tissue about -9.4 ppm), so the field has a realistic several-ppm
+background.
 All edges are smoothed slightly (Gaussian, 0.7 voxel) so that the band-limited k-space field has no
 far-reaching staircase ringing (which is not harmonic inside the brain and defeats V-SHARP).
 Signal: ``m exp(-R2* TE) exp(i phase) + complex noise`` with a smooth receiver phase offset; phase

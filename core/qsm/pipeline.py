@@ -51,7 +51,9 @@ class QSMResult:
     reference: str = "mean over eroded mask = 0"
 
 
-def _validate(magnitude: np.ndarray, phase: np.ndarray, te: np.ndarray, b0_t: float, geometry: Geometry) -> None:
+def _validate(
+    magnitude: np.ndarray, phase: np.ndarray, te: np.ndarray, b0_t: float, geometry: Geometry
+) -> None:
     if magnitude.shape != phase.shape:
         raise ReconstructionError(
             f"magnitude {magnitude.shape} and phase {phase.shape} differ in shape; a slice or echo is missing"
@@ -65,7 +67,9 @@ def _validate(magnitude: np.ndarray, phase: np.ndarray, te: np.ndarray, b0_t: fl
     if not np.isfinite(b0_t) or b0_t <= 0:
         raise ReconstructionError(f"field strength must be positive, got {b0_t} T")
     if tuple(geometry.shape) != tuple(phase.shape[1:]):
-        raise ReconstructionError(f"geometry {geometry.shape} does not match the image size {phase.shape[1:]}")
+        raise ReconstructionError(
+            f"geometry {geometry.shape} does not match the image size {phase.shape[1:]}"
+        )
     if min(phase.shape[1:]) < MIN_VOXELS_PER_AXIS:
         raise ReconstructionError(
             f"volume {phase.shape[1:]} too small for QSM: need at least {MIN_VOXELS_PER_AXIS} voxels per axis"

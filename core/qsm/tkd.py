@@ -99,6 +99,7 @@ def tkd(
 ) -> np.ndarray:
     """Susceptibility (ppm) by eq. (1), zero outside ``mask``; not referenced (caller does that)."""
     prob = DipoleProblem.build(local_field_ppm, mask, spacing_mm, b0_direction, pad_mm=pad_mm, device=device)
-    chi = torch.fft.irfftn(torch.fft.rfftn(prob.field) * tkd_inverse_kernel(prob.kernel, threshold), s=prob.pshape)
+    spec = torch.fft.rfftn(prob.field) * tkd_inverse_kernel(prob.kernel, threshold)
+    chi = torch.fft.irfftn(spec, s=prob.pshape)
     chi = chi * prob.mask
     return prob.to_volume(chi)

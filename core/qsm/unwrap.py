@@ -48,7 +48,9 @@ def laplacian_symbol(
     return sym.to(torch.float32)
 
 
-def wrapped_laplacian(phase: torch.Tensor, spacing_mm: Sequence[float], method: str = "sincos") -> torch.Tensor:
+def wrapped_laplacian(
+    phase: torch.Tensor, spacing_mm: Sequence[float], method: str = "wrapped_diff"
+) -> torch.Tensor:
     """Eq. (1) on a (padded) 3-D wrapped phase with periodic boundaries (rad/mm^2)."""
     if method == "sincos":
         g = torch.sin

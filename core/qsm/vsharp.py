@@ -42,7 +42,9 @@ from core.qsm._fft import fast_padded_shape, mask_bbox, pad_to, pad_voxels_for, 
 from core.qsm.mask import _distance_inside
 
 
-def default_radii_mm(spacing_mm: Sequence[float], radius_max_mm: float = 12.0, step_mm: float = 1.0) -> list[float]:
+def default_radii_mm(
+    spacing_mm: Sequence[float], radius_max_mm: float = 12.0, step_mm: float = 1.0
+) -> list[float]:
     """Radii from ``radius_max_mm`` down to the largest voxel dimension (about one voxel)."""
     r_min = float(max(spacing_mm))
     radii = list(np.arange(radius_max_mm, r_min, -step_mm))
@@ -81,12 +83,14 @@ def vsharp(
     """
     dev = resolve_device(device)
     mask = np.asarray(mask, dtype=bool)
-    radii = sorted(default_radii_mm(spacing_mm) if radii_mm is None else [float(r) for r in radii_mm], reverse=True)
+    radii = default_radii_mm(spacing_mm) if radii_mm is None else [float(r) for r in radii_mm]
+    radii = sorted(radii, reverse=True)
     dist = _distance_inside(mask, spacing_mm)
     eroded = dist > radii[-1]
     if eroded.sum() < 27:
         raise ReconstructionError(
-            f"brain mask too small for background field removal (nothing left after a {radii[-1]:.1f} mm erosion)"
+            "brain mask too small for background field removal "
+            f"(nothing left after a {radii[-1]:.1f} mm erosion)"
         )
     # Work on the mask's bounding box padded by the largest radius: the field is zero outside the mask.
     pad = pad_voxels_for(spacing_mm, radii[0] + 2 * max(spacing_mm))
@@ -112,7 +116,8 @@ def vsharp(
             done |= sel
     one_minus = 1.0 - s_max
     keep = one_minus.abs() > tsvd
-    inv = torch.where(keep, 1.0 / torch.where(keep, one_minus, torch.ones_like(one_minus)), torch.zeros_like(one_minus))
+    safe = torch.where(keep, one_minus, torch.ones_like(one_minus))
+    inv = torch.where(keep, 1.0 / safe, torch.zeros_like(one_minus))
     local = torch.fft.irfftn(torch.fft.rfftn(reduced) * inv, s=pshape)
     local = torch.where(done, local, torch.zeros_like(local))[sl].cpu().numpy()
     out = np.zeros(mask.shape, dtype=np.float32)
