@@ -1,0 +1,163 @@
+"""The QSM chain of Xia et al. 2023 (seed paper): brain mask -> Laplacian unwrapping -> echo fit ->
+V-SHARP -> STAR-QSM (or TKD), as one function on numpy arrays.
+
+    magnitude, phase [e, i, j, k]  --mask.brain_mask-->  mask
+    phase --echo_fit.remove_phase_offset (>= 2 echoes)--> echo-1-referenced phase differences
+          --unwrap.laplacian_unwrap--> unwrapped phase --echo_fit.fit_field_ppm--> total field (ppm)
+    total field --vsharp.vsharp--> local field (ppm), eroded mask
+    local field --star.star_qsm | tkd.tkd--> chi (ppm)
+
+Reference: ``chi`` is returned with its mean over the eroded mask set to 0 (the dipole inversion
+cannot see a constant; whole-brain mean is the most stable reference in the presence of lesions,
+CSF referencing needs a segmentation this step does not have). Outside the eroded mask chi is 0.
+
+B0 direction: ``geometry.b0_direction_ijk()``, so oblique slices use the true field direction.
+Units: phase in radians, echo times in seconds, field strength in tesla, fields and chi in ppm.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from core.errors import ReconstructionError
+from core.geometry import Geometry
+from core.qsm._fft import mask_bbox, pad_voxels_for
+from core.qsm.echo_fit import fit_field_ppm, remove_phase_offset
+from core.qsm.mask import brain_mask
+from core.qsm.star import star_qsm
+from core.qsm.tkd import tkd
+from core.qsm.unwrap import laplacian_unwrap
+from core.qsm.vsharp import vsharp
+
+MIN_VOXELS_PER_AXIS = 16
+CROP_MARGIN_MM = 6.0  # margin kept around the brain mask's bounding box after masking
+
+
+@dataclass
+class QSMResult:
+    """Everything the chain produces, on the input grid (float32 / bool arrays)."""
+
+    chi_ppm: np.ndarray
+    mask: np.ndarray
+    eroded_mask: np.ndarray
+    local_field_ppm: np.ndarray
+    total_field_ppm: np.ndarray
+    timings_s: dict[str, float] = field(default_factory=dict)
+    method: str = "star"
+    reference: str = "mean over eroded mask = 0"
+
+
+def _validate(
+    magnitude: np.ndarray, phase: np.ndarray, te: np.ndarray, b0_t: float, geometry: Geometry
+) -> None:
+    if magnitude.shape != phase.shape:
+        raise ReconstructionError(
+            f"magnitude {magnitude.shape} and phase {phase.shape} differ in shape; a slice or echo is missing"
+        )
+    if phase.ndim != 4:
+        raise ReconstructionError(f"expected echo stacks [echo, i, j, k], got {phase.ndim}-D arrays")
+    if te.size != phase.shape[0]:
+        raise ReconstructionError(f"{phase.shape[0]} echoes in the images but {te.size} echo times")
+    if not np.all(np.isfinite(te)) or np.any(te <= 0) or np.any(np.diff(te) <= 0):
+        raise ReconstructionError(f"echo times must be positive and increasing, got {te.tolist()} s")
+    if not np.isfinite(b0_t) or b0_t <= 0:
+        raise ReconstructionError(f"field strength must be positive, got {b0_t} T")
+    if tuple(geometry.shape) != tuple(phase.shape[1:]):
+        raise ReconstructionError(
+            f"geometry {geometry.shape} does not match the image size {phase.shape[1:]}"
+        )
+    if min(phase.shape[1:]) < MIN_VOXELS_PER_AXIS:
+        raise ReconstructionError(
+            f"volume {phase.shape[1:]} too small for QSM: need at least {MIN_VOXELS_PER_AXIS} voxels per axis"
+        )
+    if not (np.all(np.isfinite(phase)) and np.all(np.isfinite(magnitude))):
+        raise ReconstructionError("phase or magnitude images contain NaN or infinite values")
+    if float(np.ptp(phase)) < 1e-6:
+        raise ReconstructionError("phase images are constant (no phase information); check the phase series")
+
+
+def reconstruct(
+    magnitude: np.ndarray,
+    phase_rad: np.ndarray,
+    echo_times_s: Sequence[float],
+    field_strength_t: float,
+    geometry: Geometry,
+    *,
+    method: str = "star",
+    mask: np.ndarray | None = None,
+    device=None,
+    unwrap_method: str = "wrapped_diff",
+    remove_offset: bool = True,
+) -> QSMResult:
+    """Run the whole chain. ``magnitude``/``phase_rad`` are ``[e, i, j, k]`` (3-D means one echo).
+
+    ``remove_offset``: reference later echoes to echo 1 (needs >= 2 echoes; see core.qsm.echo_fit).
+
+    Raises:
+        ReconstructionError: unusable input (shapes, echo count, NaN or constant phase, too small).
+    """
+    if method not in ("star", "tkd"):
+        raise ValueError(f"method must be 'star' or 'tkd', got {method!r}")
+    mag = np.asarray(magnitude, dtype=np.float32)
+    ph = np.asarray(phase_rad, dtype=np.float32)
+    if mag.ndim == 3 and ph.ndim == 3:
+        mag, ph = mag[None], ph[None]
+    te = np.atleast_1d(np.asarray(echo_times_s, dtype=np.float64))
+    _validate(mag, ph, te, float(field_strength_t), geometry)
+    spacing = geometry.spacing
+    b0 = geometry.b0_direction_ijk()
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    if mask is None:
+        mask = brain_mask(mag, spacing)
+    else:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != ph.shape[1:]:
+            raise ReconstructionError(f"brain mask {mask.shape} does not match the image size {ph.shape[1:]}")
+    if not mask.any():
+        raise ReconstructionError("brain mask is empty; no brain found in the magnitude image")
+    timings["mask"] = time.perf_counter() - t
+
+    # Everything after the mask works on the mask's bounding box plus a margin (less noise-only
+    # phase to unwrap, smaller FFTs); results are pasted back into full-size arrays.
+    box = mask_bbox(mask, pad_voxels_for(spacing, CROP_MARGIN_MM))
+    full_shape = mask.shape
+    mag, ph, mask_box = mag[(slice(None),) + box], ph[(slice(None),) + box], mask[box]
+
+    t = time.perf_counter()
+    if remove_offset and ph.shape[0] >= 2:
+        psi, weights, dte = remove_phase_offset(ph, mag, te)
+    else:
+        psi, weights, dte = ph, mag, te
+    unwrapped = laplacian_unwrap(psi, spacing, method=unwrap_method, device=device)
+    timings["unwrap"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    total = fit_field_ppm(unwrapped, weights, dte, float(field_strength_t), mask_box)
+    total = np.where(mask_box, total, 0.0).astype(np.float32)
+    timings["echo_fit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    local, eroded = vsharp(total, mask_box, spacing, device=device)
+    timings["vsharp"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if method == "star":
+        chi = star_qsm(local, eroded, spacing, b0, device=device)
+    else:
+        chi = tkd(local, eroded, spacing, b0, device=device)
+    chi = np.where(eroded, chi - chi[eroded].mean(), 0.0).astype(np.float32)
+    timings[method] = time.perf_counter() - t
+    timings["total"] = sum(timings.values())
+
+    def full(a: np.ndarray) -> np.ndarray:
+        out = np.zeros(full_shape, dtype=a.dtype)
+        out[box] = a
+        return out
+
+    return QSMResult(full(chi), mask, full(eroded), full(local), full(total), timings, method)
