@@ -1,4 +1,4 @@
-"""Command line: ``python -m app -i IN -o OUT [-m MODELS] [--phase-flip]``.
+"""Command line: ``python -m app -i IN -o OUT [-m MODELS] [--phase-flip] [--qsm-method star|tkd]``.
 
 Paths fall back to the MONAI Deploy environment variables ``HOLOSCAN_INPUT_PATH``,
 ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``. Exit status: 0 success; 2 unusable input or
@@ -68,6 +68,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phase-flip", action="store_true",
                    default=os.environ.get("CMB_PHASE_FLIP", "").lower() in ("1", "true", "yes"),
                    help="negate the phase (for scanners whose phase polarity is opposite; env CMB_PHASE_FLIP)")
+    p.add_argument("--qsm-method", choices=("star", "tkd"), default=os.environ.get("CMB_QSM_METHOD", "star"),
+                   help="dipole inversion: STAR-QSM (default) or the TKD baseline (env CMB_QSM_METHOD)")
     p.add_argument("-l", "--log-level", default=os.environ.get("HOLOSCAN_LOG_LEVEL", "WARN"))
     return p.parse_args(argv)
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     debug = args.log_level.upper() == "DEBUG"
     stage = StagedOutput(Path(args.output))
-    config = AppConfig(Path(args.input), stage.path, args.model, args.phase_flip)
+    config = AppConfig(Path(args.input), stage.path, args.model, args.phase_flip, args.qsm_method)
     fd, log_name = tempfile.mkstemp(prefix="cmb-app-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"read {inp.get('manufacturer', '?')} GRE: {inp.get('n_echoes', '?')} echo(es) at "
           f"{inp.get('echo_times_ms', '?')} ms, {inp.get('field_strength_t', '?')} T, "
           f"grid {inp.get('geometry', {}).get('shape', '?')} @ {inp.get('geometry', {}).get('spacing_mm', '?')} mm")
+    if "qsm" in summary:
+        q = summary["qsm"]
+        print(f"QSM ({q['method']}): brain {q['brain_volume_ml']} ml, {q['seconds'].get('total', 0):.1f} s; "
+              f"map: {out / 'qsm.nii.gz'} and DICOM series {out / 'dicom' / 'qsm'}")
     print(f"wrote {len(written)} file(s) to {out}")
     return 0
 

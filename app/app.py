@@ -1,9 +1,9 @@
 """The application's operator chain, in the order the data flows.
 
-    load -> select + volume -> summary (magnitude/phase NIfTI, summary.json)
+    load -> select + volume -> QSM (mask, unwrap, echo fit, V-SHARP, STAR-QSM) -> QSM writer -> summary
 
-Later steps (mask, unwrap, field, QSM, candidates, V-Net, MARS, reports) join this chain as they
-are built; nothing downstream is pretended before it exists.
+Later steps (candidates, V-Net, MARS, SR / SEG / key images) join this chain as they are built;
+nothing downstream is pretended before it exists.
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
+from app import __version__
 from operators.gre_loader import GREStudyLoaderOperator
 from operators.gre_selector import GRESeriesSelectorOperator
+from operators.qsm_reconstruction import QSMReconstructionOperator
+from operators.qsm_writer import QSMWriterOperator
 from operators.study_summary import StudySummaryWriterOperator
+
+ALGORITHM_VERSION = f"cmb-qsm {__version__}"
 
 
 @dataclass
@@ -27,6 +32,7 @@ class AppConfig:
     output_dir: Path
     model_dir: Path | None = None
     phase_flip: bool = False
+    qsm_method: str = "star"
 
 
 class CMBApp(Application):
@@ -43,6 +49,11 @@ class CMBApp(Application):
         cfg = self.config
         load = GREStudyLoaderOperator(self, CountCondition(self, 1), input_folder=cfg.input_dir, name="load")
         select = GRESeriesSelectorOperator(self, phase_flip=cfg.phase_flip, name="select")
+        qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, name="qsm")
+        qsm_out = QSMWriterOperator(self, output_folder=cfg.output_dir, algorithm_version=ALGORITHM_VERSION,
+                                    name="qsm_writer")
         summary = StudySummaryWriterOperator(self, output_folder=cfg.output_dir, name="summary")
         self.add_flow(load, select, {("datasets", "datasets")})
-        self.add_flow(select, summary, {("gre", "gre")})
+        self.add_flow(select, qsm, {("gre", "gre")})
+        self.add_flow(qsm, qsm_out, {("gre", "gre"), ("qsm", "qsm")})
+        self.add_flow(qsm_out, summary, {("gre", "gre"), ("qsm", "qsm")})

@@ -16,13 +16,25 @@ from core.dicom.volume import GREVolume
 from core.nifti import save_nifti
 
 
-def write_study_summary(gre: GREVolume, out_dir: Path, extra: dict | None = None) -> dict:
-    """Write summary.json, magnitude.nii.gz and phase.nii.gz ([i, j, k, echo]); return the summary."""
+def write_study_summary(gre: GREVolume, out_dir: Path, qsm=None, extra: dict | None = None) -> dict:
+    """Write summary.json, magnitude.nii.gz and phase.nii.gz ([i, j, k, echo]); return the summary.
+
+    With a ``qsm`` result the summary also records the method, the reference and seconds per step.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_nifti(out_dir / "magnitude.nii.gz", np.moveaxis(gre.magnitude, 0, -1), gre.geometry)
     save_nifti(out_dir / "phase.nii.gz", np.moveaxis(gre.phase_rad, 0, -1), gre.geometry)
-    summary = {"input": gre.summary(), "files": ["magnitude.nii.gz", "phase.nii.gz"]}
+    summary = {"input": gre.summary()}
+    if qsm is not None:
+        summary["qsm"] = {
+            "method": qsm.method,
+            "reference": qsm.reference,
+            "brain_volume_ml": round(float(qsm.mask.sum()) * gre.geometry.voxel_volume_mm3 / 1000.0, 1),
+            "seconds": {k: round(float(v), 3) for k, v in qsm.timings_s.items()},
+        }
+    summary["files"] = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    summary["files"].append("summary.json")
     if extra:
         summary.update(extra)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -30,7 +42,7 @@ def write_study_summary(gre: GREVolume, out_dir: Path, extra: dict | None = None
 
 
 class StudySummaryWriterOperator(Operator):
-    """``gre`` -> files in the (staged) output folder."""
+    """``gre`` (+ ``qsm``) -> files in the (staged) output folder."""
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
         self.output_folder = Path(output_folder)
@@ -38,6 +50,7 @@ class StudySummaryWriterOperator(Operator):
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("gre")
+        spec.input("qsm")
 
     def compute(self, op_input, op_output, context) -> None:
-        write_study_summary(op_input.receive("gre"), self.output_folder)
+        write_study_summary(op_input.receive("gre"), self.output_folder, qsm=op_input.receive("qsm"))

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_app
+from tests.conftest import REPO, dciodvfy_errors, run_app
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,17 @@ def test_app_reads_every_vendor_as_simulated(cohort: Path, tmp_path: Path):
         chi = nib.load(cohort / sub["subject_id"] / "truth" / "chi.nii.gz")
         np.testing.assert_allclose(mag.affine, chi.affine, atol=1e-4)
         assert "read" in proc.stdout and "wrote" in proc.stdout
+        # QSM: a map on the source grid, and a derived MR series with one instance per slice
+        summary_all = json.loads((out / "summary.json").read_text())
+        assert summary_all["qsm"]["method"] == "star" and summary_all["qsm"]["seconds"]["total"] > 0
+        qsm = nib.load(out / "qsm.nii.gz")
+        assert qsm.shape == tuple(truth["geometry"]["shape"])
+        np.testing.assert_allclose(qsm.affine, chi.affine, atol=1e-4)
+        series = sorted((out / "dicom" / "qsm").glob("*.dcm"))
+        assert len(series) == truth["geometry"]["shape"][2]
+        assert set(summary_all["files"]) >= {"qsm.nii.gz", "brain_mask.nii.gz", "summary.json"}
+        for f in (series[0], series[-1]):
+            assert dciodvfy_errors(f) == [], f
 
 
 def test_simulator_is_deterministic(cohort: Path, tmp_path: Path):
@@ -102,3 +113,30 @@ def test_bad_input_leaves_output_untouched(cohort: Path, tmp_path: Path):
     # a missing input folder
     proc = run_app(tmp_path / "nope", out)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_volume_too_small_for_qsm_is_refused(tmp_path: Path):
+    """A 12 mm acquisition has too few voxels for the V-SHARP kernels: exit 2, one line, nothing in OUT."""
+    cmd = [sys.executable, "-m", "training.simulate", "--out", str(tmp_path / "tiny"), "--voxel-mm", "12", "12", "12",
+           "--subjects", "1", "--seed", "3"]
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=600).returncode == 0
+    out = tmp_path / "out"
+    proc = run_app(tmp_path / "tiny" / "sub-000" / "dicom", out)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "too small" in proc.stderr
+    assert not out.exists()
+
+
+def test_constant_phase_is_refused(tmp_path: Path):
+    """A phase series with one value everywhere (a scanner export fault) is refused before QSM."""
+    from training.sim.dicom_writer import write_study
+    from training.sim.phantom import simulate_subject
+
+    study = simulate_subject("const", 5, voxel_mm=(4.0, 4.0, 4.0), echo_times_s=[0.006, 0.012])
+    study.phase_rad[...] = 0.5
+    write_study(study, tmp_path / "dicom", "siemens")
+    out = tmp_path / "out"
+    proc = run_app(tmp_path / "dicom", out)
+    assert proc.returncode == 2, proc.stderr
+    assert "phase" in proc.stderr.lower() and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -1,0 +1,52 @@
+"""Write the QSM map: NIfTI for researchers, a derived MR series for PACS.
+
+Files (inside the staged output folder):
+    qsm.nii.gz, brain_mask.nii.gz          chi in ppm on the source grid, and the mask used
+    dicom/qsm/QSM_<method>_NNNN.dcm        derived MR series (core.dicom.derived), stable UIDs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from core.dicom.derived import write_qsm_series
+from core.nifti import save_nifti
+
+METHOD_NAMES = {"star": "STAR-QSM", "tkd": "TKD"}
+
+
+def write_qsm_outputs(gre, qsm, out_dir: Path, algorithm_version: str) -> list[Path]:
+    """Write the NIfTI maps and the DICOM QSM series; return the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        save_nifti(out_dir / "qsm.nii.gz", qsm.chi_ppm, gre.geometry),
+        save_nifti(out_dir / "brain_mask.nii.gz", qsm.mask.astype(np.uint8), gre.geometry, dtype=np.uint8),
+    ]
+    paths += write_qsm_series(qsm.chi_ppm, gre, out_dir / "dicom" / "qsm",
+                              method=METHOD_NAMES[qsm.method], algorithm_version=algorithm_version)
+    return paths
+
+
+class QSMWriterOperator(Operator):
+    """``gre`` + ``qsm`` -> files; passes both on for the summary."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, algorithm_version: str, **kwargs) -> None:
+        self.output_folder = Path(output_folder)
+        self.algorithm_version = algorithm_version
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("gre")
+        spec.input("qsm")
+        spec.output("gre")
+        spec.output("qsm")
+
+    def compute(self, op_input, op_output, context) -> None:
+        gre, qsm = op_input.receive("gre"), op_input.receive("qsm")
+        write_qsm_outputs(gre, qsm, self.output_folder, self.algorithm_version)
+        op_output.emit(gre, "gre")
+        op_output.emit(qsm, "qsm")
