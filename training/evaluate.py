@@ -37,7 +37,9 @@ from typing import Any
 from core.errors import ConfigError
 from training import metrics as M
 
-CANDIDATE_STAGES = ("stage1", "frst", "conv", "candidates", "handcrafted", "volume", "length", "fractional_anisotropy")
+CANDIDATE_STAGES = (
+    "stage1", "frst", "conv", "candidates", "handcrafted", "volume", "length", "fractional_anisotropy",
+)
 """Stage names reported in the Table 2 style (candidate generation); other stages go to Table 3."""
 
 FINAL = "final"
@@ -103,7 +105,8 @@ def evaluate(pred_dir: Path, truth_dir: Path, *, threshold: float = 0.0) -> dict
     preds = {s: load_predictions(pred_dir, s) for s in truth}
     missing = sorted(s for s, p in preds.items() if p is None)
     extra = sorted(
-        p.name for p in pred_dir.iterdir() if p.is_dir() and p.name not in truth and (p / "findings.json").exists()
+        p.name for p in pred_dir.iterdir()
+        if p.is_dir() and p.name not in truth and (p / "findings.json").exists()
     )
     stage_names = sorted({n for p in preds.values() if p for n in p}, key=lambda n: (n == FINAL, n))
     stages: dict[str, Any] = {}
@@ -112,8 +115,8 @@ def evaluate(pred_dir: Path, truth_dir: Path, *, threshold: float = 0.0) -> dict
         for sub, t in truth.items():
             dets = (preds[sub] or {}).get(name, [])
             thr = threshold if name == FINAL else 0.0
-            results.append(M.evaluate_subject(sub, dets, t.get("lesions", []), control=bool(t.get("control", False)),
-                                              threshold=thr))
+            results.append(M.evaluate_subject(sub, dets, t.get("lesions", []),
+                                              control=bool(t.get("control", False)), threshold=thr))
         s = M.summarise(results)
         s["table"] = "2" if name in CANDIDATE_STAGES else "3"
         s["tp_plus_fp"] = s["counts"]["tp"] + s["counts"]["fp"]
@@ -160,7 +163,8 @@ def format_tables(report: dict) -> str:
     t3 = [n for n in st if st[n]["table"] == "3"]
     if t3:
         lines.append("Table 3 style: stage II classifiers and final output")
-        lines.append(f"{'stage':<24}{'TP':>6}{'FN':>6}{'FP':>7}{'sensitivity':>13}{'PPV':>8}{'FP/subj':>9}{'F1':>7}")
+        lines.append(f"{'stage':<24}{'TP':>6}{'FN':>6}{'FP':>7}{'sensitivity':>13}{'PPV':>8}"
+                     f"{'FP/subj':>9}{'F1':>7}")
         for n in t3:
             c = st[n]["counts"]
             lines.append(f"{n:<24}{c['tp']:>6}{c['fn']:>6}{c['fp']:>7}{_pct(c['sensitivity']):>13}"
@@ -179,11 +183,13 @@ def format_tables(report: dict) -> str:
         if c["n_controls"]:
             lines.append(f"{main}: controls without any FP {c['n_without_fp']}/{c['n_controls']} "
                          f"({_pct(c['fraction_without_fp'])}), FP per control {_num(c['fp_per_control'])}")
-        lines.append(f"{main}: calcifications reported as microbleeds {k['reported_as_cmb']}/{k['n_calcifications']}")
+        lines.append(f"{main}: calcifications reported as microbleeds "
+                     f"{k['reported_as_cmb']}/{k['n_calcifications']}")
         ops = ", ".join(f"{x} FP/subj: {_pct(v)}" for x, v in s["froc"]["sensitivity_at_fp"].items())
         lines.append(f"{main}: FROC sensitivity at {ops}")
     if report["missing_predictions"]:
-        lines.append(f"subjects without predictions (scored as no detections): {', '.join(report['missing_predictions'])}")
+        lines.append("subjects without predictions (scored as no detections): "
+                     + ", ".join(report["missing_predictions"]))
     return "\n".join(lines)
 
 
@@ -206,6 +212,7 @@ def plot_froc(report: dict, path: Path) -> Path:
     ax.set_ylabel("sensitivity")
     ax.set_ylim(0, 1.02)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0.0)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("FROC" + (" (simulated data)" if report["simulated"] else ""))
@@ -218,11 +225,13 @@ def plot_froc(report: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--predictions", required=True, type=Path, help="folder of <subject>/findings.json (+ stages.json)")
+    ap.add_argument("--predictions", required=True, type=Path,
+                    help="folder of <subject>/findings.json (+ stages.json)")
     ap.add_argument("--truth", required=True, type=Path, help="folder of <subject>/truth/truth.json")
     ap.add_argument("--out", type=Path, default=Path("bench/results/detection.json"))
     ap.add_argument("--froc-png", type=Path, default=None)
-    ap.add_argument("--threshold", type=float, default=0.0, help="probability threshold for the final findings")
+    ap.add_argument("--threshold", type=float, default=0.0,
+                    help="probability threshold for the final findings")
     a = ap.parse_args(argv)
     try:
         report = evaluate(a.predictions, a.truth, threshold=a.threshold)

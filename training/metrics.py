@@ -95,7 +95,8 @@ def as_detection(obj: Any) -> Detection:
     if c is None or len(c) != 3:
         raise ValueError(f"detection without a 3-D centre_lps_mm: {obj!r}")
     p = _get(obj, "probability", 1.0)
-    return Detection(tuple(float(v) for v in c), 1.0 if p is None else float(p), str(_get(obj, "kind", "cmb") or "cmb"))
+    kind = str(_get(obj, "kind", "cmb") or "cmb")
+    return Detection(tuple(float(v) for v in c), 1.0 if p is None else float(p), kind)
 
 
 def as_reference(obj: Any) -> Reference:
@@ -155,7 +156,9 @@ def _allowed(dets: Sequence[Detection], refs: Sequence[Reference]) -> tuple[np.n
     return dist, dist <= radius[None, :] + _EPS_MM
 
 
-def _assign(dist: np.ndarray, allowed: np.ndarray, prob: np.ndarray, radius: np.ndarray) -> list[tuple[int, int]]:
+def _assign(
+    dist: np.ndarray, allowed: np.ndarray, prob: np.ndarray, radius: np.ndarray
+) -> list[tuple[int, int]]:
     """Maximum-cardinality assignment on allowed pairs; ties broken by probability, then distance."""
     rows = np.flatnonzero(allowed.any(axis=1))
     cols = np.flatnonzero(allowed.any(axis=0))
@@ -205,7 +208,8 @@ class Counts:
     n_subjects: int = 0
 
     def __add__(self, other: "Counts") -> "Counts":
-        return Counts(self.tp + other.tp, self.fn + other.fn, self.fp + other.fp, self.n_subjects + other.n_subjects)
+        return Counts(self.tp + other.tp, self.fn + other.fn, self.fp + other.fp,
+                      self.n_subjects + other.n_subjects)
 
     @property
     def sensitivity(self) -> float | None:
@@ -319,7 +323,8 @@ def calcification_summary(results: Sequence[SubjectResult]) -> dict:
     """Calcifications in the references and how many were reported as microbleeds."""
     n = sum(r.calcifications for r in results)
     k = sum(r.calcifications_as_cmb for r in results)
-    return {"n_calcifications": n, "reported_as_cmb": k, "fraction_reported_as_cmb": round(k / n, 6) if n else None}
+    return {"n_calcifications": n, "reported_as_cmb": k,
+            "fraction_reported_as_cmb": round(k / n, 6) if n else None}
 
 
 @dataclass
@@ -361,7 +366,8 @@ def _subject_tp_steps(dets: list[Detection], refs: list[Reference]) -> tuple[np.
 
 def froc(results: Sequence[SubjectResult]) -> Froc:
     """FROC over a cohort from each subject's (threshold-0) detections and references."""
-    all_p = np.concatenate([np.asarray([d.probability for d in r.detections], float) for r in results] or [np.zeros(0)])
+    per_subject = [np.asarray([d.probability for d in r.detections], float) for r in results]
+    all_p = np.concatenate(per_subject or [np.zeros(0)])
     thresholds = np.unique(all_p)[::-1]
     tp = np.zeros(thresholds.size, dtype=int)
     n_det = np.zeros(thresholds.size, dtype=int)
@@ -385,7 +391,8 @@ def froc(results: Sequence[SubjectResult]) -> Froc:
 def froc_points(f: Froc) -> list[dict]:
     """FROC as JSON-ready points ``{threshold, fp_per_subject, sensitivity}``, highest threshold first."""
     return [
-        {"threshold": round(float(t), 6), "fp_per_subject": round(float(x), 6), "sensitivity": round(float(s), 6)}
+        {"threshold": round(float(t), 6), "fp_per_subject": round(float(x), 6),
+         "sensitivity": round(float(s), 6)}
         for t, x, s in zip(f.thresholds, f.fp_per_subject, f.sensitivity)
     ]
 

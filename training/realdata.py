@@ -103,7 +103,8 @@ def load_manifest(path: str | Path) -> list[RealSubject]:
             row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
             sid = row["subject_id"]
             if not _SAFE_ID.match(sid):
-                raise ConfigError(f"manifest row {n}: subject_id {sid!r} must be letters, digits, '-', '_' or '.'")
+                raise ConfigError(
+                    f"manifest row {n}: subject_id {sid!r} must be letters, digits, '-', '_' or '.'")
             if sid in seen:
                 raise ConfigError(f"manifest row {n}: subject_id {sid} appears twice")
             seen.add(sid)
@@ -111,7 +112,8 @@ def load_manifest(path: str | Path) -> list[RealSubject]:
             if image is None or not image.exists():
                 raise ConfigError(f"manifest row {n}: image {row['image']!r} of {sid} does not exist")
             if image.is_file() and not _is_nifti(image):
-                raise ConfigError(f"manifest row {n}: image of {sid} must be a QSM NIfTI or a folder of GRE DICOM")
+                raise ConfigError(
+                    f"manifest row {n}: image of {sid} must be a QSM NIfTI or a folder of GRE DICOM")
             label = (base / row["label"]) if row.get("label") else None
             control = _flag(row.get("control", ""), "control", n)
             if label is None and not control:
@@ -120,7 +122,8 @@ def load_manifest(path: str | Path) -> list[RealSubject]:
                 if not label.is_file():
                     raise ConfigError(f"manifest row {n}: label {row['label']!r} of {sid} does not exist")
                 if not (_is_nifti(label) or label.suffix.lower() == ".csv"):
-                    raise ConfigError(f"manifest row {n}: label of {sid} must be a NIfTI mask or a CSV of lesions")
+                    raise ConfigError(
+                        f"manifest row {n}: label of {sid} must be a NIfTI mask or a CSV of lesions")
             space = (row.get("label_space") or "LPS").upper()
             if space not in ("LPS", "RAS"):
                 raise ConfigError(f"manifest row {n}: label_space must be LPS or RAS, got {space!r}")
@@ -168,7 +171,8 @@ def lesions_from_mask(nifti_path: str | Path, *, calcification_label: int | None
     data = np.rint(data).astype(np.int64)
     aff = np.asarray(img.affine, dtype=float)
     voxel_mm3 = abs(float(np.linalg.det(aff[:3, :3])))
-    groups = [("cmb", (data != 0) & (data != (calcification_label if calcification_label is not None else 0)))]
+    calc = 0 if calcification_label is None else int(calcification_label)
+    groups = [("cmb", (data != 0) & (data != calc))]
     if calcification_label is not None:
         groups.append(("calcification", data == calcification_label))
     out = []
@@ -211,7 +215,8 @@ def lesions_from_csv(path: str | Path, space: str = "LPS") -> list[dict]:
                 raise ConfigError(f"lesion CSV {path} row {n}: not a number ({exc})") from exc
             kind = row.get("kind") or "cmb"
             if kind not in ("cmb", "calcification", "iron"):
-                raise ConfigError(f"lesion CSV {path} row {n}: kind must be cmb, calcification or iron, got {kind!r}")
+                raise ConfigError(
+                    f"lesion CSV {path} row {n}: kind must be cmb, calcification or iron, got {kind!r}")
             lps = ras_to_lps(xyz) if space == "RAS" else xyz
             out.append(_lesion_record(kind, lps, d, mars_region=row.get("mars_region"),
                                       mars_category=row.get("mars_category")))
@@ -246,7 +251,9 @@ def truth_record(subject: RealSubject, *, calcification_label: int | None = None
     }
 
 
-def write_truth(subjects: list[RealSubject], out_dir: str | Path, *, calcification_label: int | None = None) -> list[Path]:
+def write_truth(
+    subjects: list[RealSubject], out_dir: str | Path, *, calcification_label: int | None = None
+) -> list[Path]:
     """Write ``out_dir/<subject>/truth/truth.json`` for every subject; returns the paths."""
     paths = []
     for s in subjects:
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--calcification-label", type=int, default=None,
-                    help="label value that marks calcifications in NIfTI masks (default: all non-zero = microbleed)")
+                    help="label value of calcifications in NIfTI masks "
+                         "(default: every non-zero value is a microbleed)")
     a = ap.parse_args(argv)
     try:
         subjects = load_manifest(a.manifest)
