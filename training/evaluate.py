@@ -110,17 +110,24 @@ def evaluate(pred_dir: Path, truth_dir: Path, *, threshold: float = 0.0) -> dict
     )
     stage_names = sorted({n for p in preds.values() if p for n in p}, key=lambda n: (n == FINAL, n))
     stages: dict[str, Any] = {}
+    def score(name: str, thr: float, kind: str = "cmb") -> list[M.SubjectResult]:
+        return [M.evaluate_subject(sub, (preds[sub] or {}).get(name, []), t.get("lesions", []),
+                                   control=bool(t.get("control", False)), threshold=thr, kind=kind)
+                for sub, t in truth.items()]
+
     for name in stage_names:
-        results = []
-        for sub, t in truth.items():
-            dets = (preds[sub] or {}).get(name, [])
-            thr = threshold if name == FINAL else 0.0
-            results.append(M.evaluate_subject(sub, dets, t.get("lesions", []),
-                                              control=bool(t.get("control", False)), threshold=thr))
-        s = M.summarise(results)
+        thr = threshold if name == FINAL else 0.0
+        results = score(name, thr)
+        s = M.summarise(results, froc_results=score(name, 0.0) if thr > 0 else None)
         s["table"] = "2" if name in CANDIDATE_STAGES else "3"
         s["tp_plus_fp"] = s["counts"]["tp"] + s["counts"]["fp"]
+        if name == FINAL:
+            s["missed"] = M.missed_lesions(results)
         stages[name] = s
+    calc_detection = None
+    if FINAL in stage_names:
+        # findings labelled calcification against reference calcifications (mimic recognition)
+        calc_detection = M.cohort_counts(score(FINAL, 0.0, kind="calcification")).to_json()
     simulated = [bool(t.get("simulated", False)) for t in truth.values()]
     n_cmb = sum(1 for t in truth.values() for l in t.get("lesions", []) if l.get("kind", "cmb") == "cmb")
     return {
@@ -134,6 +141,7 @@ def evaluate(pred_dir: Path, truth_dir: Path, *, threshold: float = 0.0) -> dict
         "missing_predictions": missing,
         "predictions_without_truth": extra,
         "stages": stages,
+        "calcification_detection": calc_detection,
     }
 
 
@@ -187,6 +195,10 @@ def format_tables(report: dict) -> str:
                      f"{k['reported_as_cmb']}/{k['n_calcifications']}")
         ops = ", ".join(f"{x} FP/subj: {_pct(v)}" for x, v in s["froc"]["sensitivity_at_fp"].items())
         lines.append(f"{main}: FROC sensitivity at {ops}")
+    cd = report.get("calcification_detection")
+    if cd and cd["tp"] + cd["fn"] + cd["fp"]:
+        lines.append(f"calcifications labelled as such: TP {cd['tp']}, FN {cd['fn']}, FP {cd['fp']} "
+                     f"(sensitivity {_pct(cd['sensitivity'])}, PPV {_pct(cd['ppv'])})")
     if report["missing_predictions"]:
         lines.append("subjects without predictions (scored as no detections): "
                      + ", ".join(report["missing_predictions"]))

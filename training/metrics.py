@@ -388,12 +388,21 @@ def froc(results: Sequence[SubjectResult]) -> Froc:
     return Froc(thresholds, np.asarray(sens, float), np.asarray(fps, float), n_ref, n_sub)
 
 
-def froc_points(f: Froc) -> list[dict]:
-    """FROC as JSON-ready points ``{threshold, fp_per_subject, sensitivity}``, highest threshold first."""
+def froc_points(f: Froc, corners_only: bool = False) -> list[dict]:
+    """FROC as JSON-ready points ``{threshold, fp_per_subject, sensitivity}``, highest threshold first.
+
+    ``corners_only`` keeps the points where sensitivity rises, and the last point: the step curve
+    and :func:`sensitivity_at_fp` are unchanged, while a stage-I list of thousands of candidates
+    per subject no longer gives one point per candidate.
+    """
+    keep = np.ones(f.thresholds.size, dtype=bool)
+    if corners_only and keep.size:
+        keep[1:] = f.sensitivity[1:] > f.sensitivity[:-1]
+        keep[0] = keep[-1] = True
     return [
         {"threshold": round(float(t), 6), "fp_per_subject": round(float(x), 6),
          "sensitivity": round(float(s), 6)}
-        for t, x, s in zip(f.thresholds, f.fp_per_subject, f.sensitivity)
+        for t, x, s in zip(f.thresholds[keep], f.fp_per_subject[keep], f.sensitivity[keep])
     ]
 
 
@@ -407,8 +416,29 @@ FROC_OPERATING_POINTS = (0.5, 1.0, 2.0, 2.87, 4.0, 8.0)
 """Mean FP per subject at which sensitivity is reported (2.87: the seed paper's operating point)."""
 
 
-def summarise(results: Sequence[SubjectResult], *, with_froc: bool = True) -> dict:
-    """Everything the benchmark JSON reports for one set of detections over a cohort."""
+def missed_lesions(results: Sequence[SubjectResult]) -> list[dict]:
+    """The reference lesions no detection hit (subject, centre, diameter, region), for error analysis."""
+    out = []
+    for r in results:
+        for j in r.match.fn:
+            ref = r.references[j]
+            out.append({"subject_id": r.subject_id,
+                        "centre_lps_mm": [round(float(v), 3) for v in ref.centre_lps_mm],
+                        "diameter_mm": round(float(ref.diameter_mm), 3), "mars_region": ref.mars_region})
+    return out
+
+
+def summarise(
+    results: Sequence[SubjectResult],
+    *,
+    with_froc: bool = True,
+    froc_results: Sequence[SubjectResult] | None = None,
+) -> dict:
+    """Everything the benchmark JSON reports for one set of detections over a cohort.
+
+    ``froc_results``: the same subjects scored without a probability threshold, when ``results``
+    were thresholded, so the FROC still spans every threshold (default: ``results``).
+    """
     total = cohort_counts(results)
     f1s = [r.counts.f1 for r in results if r.counts.f1 is not None]
     out: dict[str, Any] = {
@@ -424,9 +454,10 @@ def summarise(results: Sequence[SubjectResult], *, with_froc: bool = True) -> di
         ],
     }
     if with_froc:
-        f = froc(results)
+        f = froc(results if froc_results is None else froc_results)
         out["froc"] = {
-            "points": froc_points(f),
+            "points": froc_points(f, corners_only=True),
+            "n_thresholds": int(f.thresholds.size),
             "sensitivity_at_fp": {str(x): round(sensitivity_at_fp(f, x), 6) for x in FROC_OPERATING_POINTS},
         }
     return out

@@ -73,7 +73,10 @@ def test_cli_tables_json_png(tmp_path, capsys):
     assert fin["controls"]["fraction_without_fp"] == 1.0
     assert fin["calcifications"]["reported_as_cmb"] == 1 and fin["calcifications"]["n_calcifications"] == 1
     pts = [(p["threshold"], p["fp_per_subject"], round(p["sensitivity"], 4)) for p in fin["froc"]["points"]]
-    assert pts == [(0.9, 0.0, 0.3333), (0.7, 0.0, 0.6667), (0.6, 0.25, 0.6667), (0.3, 0.5, 0.6667)]
+    # all thresholds: (0.9, 0, 1/3), (0.7, 0, 2/3), (0.6, 0.25, 2/3), (0.3, 0.5, 2/3); corners kept
+    assert pts == [(0.9, 0.0, 0.3333), (0.7, 0.0, 0.6667), (0.3, 0.5, 0.6667)]
+    assert fin["froc"]["n_thresholds"] == 4
+    assert fin["froc"]["sensitivity_at_fp"]["0.5"] == pytest.approx(2 / 3, abs=1e-6)
     s1 = r["stages"]["stage1"]
     assert s1["table"] == "2" and (s1["counts"]["tp"], s1["counts"]["fn"], s1["counts"]["fp"], s1["tp_plus_fp"]) == (2, 1, 3, 5)
     v = r["stages"]["vnet"]
@@ -93,6 +96,11 @@ def test_threshold_and_real_data_flag(tmp_path):
     assert r["simulated"] is False
     c = r["stages"]["final"]["counts"]
     assert (c["tp"], c["fn"], c["fp"]) == (2, 1, 0)  # the 0.6 and 0.3 FPs are dropped
+    assert r["stages"]["final"]["froc"]["n_thresholds"] == 4  # the FROC still spans every threshold
+    assert r["stages"]["final"]["missed"] == [
+        {"subject_id": "sub-000", "centre_lps_mm": [30.0, 0.0, 0.0], "diameter_mm": 6.0, "mars_region": "thalamus"}]
+    cd = r["calcification_detection"]
+    assert (cd["tp"], cd["fn"], cd["fp"]) == (1, 0, 0)  # the calcification mimic at 1 mm from the truth
 
 
 def test_missing_folders_are_refused(tmp_path, capsys):

@@ -152,6 +152,7 @@ def test_froc_hand_computed():
     assert sensitivity_at_fp(f, 0.99) == pytest.approx(1 / 3)
     assert sensitivity_at_fp(f, 1.0) == 1.0
     assert froc_points(f)[3] == {"threshold": 0.6, "fp_per_subject": 1.0, "sensitivity": 1.0}
+    assert [p["threshold"] for p in froc_points(f, corners_only=True)] == [0.9, 0.6, 0.3]
     # the threshold-0 cohort counts agree with the last FROC point
     s = summarise([a, b])
     assert s["counts"]["tp"] == 3 and s["counts"]["fp"] == 4 and s["counts"]["fn"] == 0
