@@ -341,6 +341,7 @@ class Queue:
             db.execute("UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?,"
                        " n_results = ?, reason = ? WHERE id = ?",
                        (now, now, len(results),
+                        "the app wrote no DICOM result" if not results else
                         None if destinations else "no destination configured", job_id))
             for res in results:
                 for dest in destinations:
