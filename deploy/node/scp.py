@@ -3,16 +3,20 @@
 The C-STORE handler, for every instance:
 
 1. refuses with 0xA700 (Out of Resources) when the spool's free space is below ``min_free_mb``;
-2. decodes the header; a dataset that cannot be decoded answers 0xC210;
+2. decodes the data set as received; a data set that cannot be decoded answers 0xC210;
 3. validates StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID (digits and dots, <= 64
    characters); a hostile or malformed UID answers 0xC220 and nothing is written; a SOP Instance
    UID that differs from the one in the C-STORE request answers 0xC221;
 4. recognises a duplicate (same SOP Instance UID, same SHA-256 of the encoded dataset, file
    present) and answers Success without storing it twice;
-5. writes the file (preamble, file meta, dataset exactly as received) to a temp file, fsyncs it,
-   renames it to ``instances/<study>/<series>/<sop>.dcm`` and fsyncs the folder; a full disk
-   answers 0xA700, another I/O error 0xC230;
-6. commits the instance to the SQLite queue (synchronous=FULL), and only then answers 0x0000.
+5. writes the file (preamble, file meta built here, data set bytes exactly as received) to a temp
+   file, fsyncs it, renames it to ``instances/<study>/<series>/<sop>.dcm`` and fsyncs the folder
+   (shared with concurrent writers, see ``spool.DirSyncer``); a full disk answers 0xA700, another
+   I/O error 0xC230;
+6. commits the instance row to the SQLite queue, and only then answers 0x0000. The fsynced file
+   is the durable record, so the row's commit skips the WAL fsync (``reconcile`` re-registers
+   the file after a power cut); the commit is durable when it deletes an older copy
+   (an instance moved to another study/series). Reasoning: deploy/README.md.
 
 Any other exception answers 0xC211 (pynetdicom's status for a failed handler); the node keeps
 running. Calling AE titles not in ``allowed_calling_aets`` are refused at association time.
