@@ -2,10 +2,13 @@
 storescp and to Orthanc, one after the other, on loopback. Reports instances per second and the
 node's rate as a fraction of each peer's.
 
-    python -m bench.ingest [--study DIR] [--repeats N] [--out bench/results/ingest.json]
+    python -m bench.ingest [--study DIR] [--repeats N] [--associations 1 4]
+                           [--out bench/results/ingest.json]
 
 Without ``--study`` it simulates one subject (``training.simulate --voxel-mm 2 2 1.5``: 4 echoes,
-magnitude + phase, about 940 classic MR files of ~22 KiB). ``TCP_NODELAY=1`` is set for the DCMTK
+magnitude + phase, 936 classic MR files of ~25 KiB). Each ``--associations`` value is one round:
+N storescu processes in parallel, each sending every N-th file (1 = a scanner's single
+association; several = what lets the node share folder fsyncs). ``TCP_NODELAY=1`` is set for the DCMTK
 tools on both ends (without it DCMTK's small writes meet Nagle's algorithm and every tool looks
 slow). What each receiver does with an instance differs: the node fsyncs every file, its folder
 and the queue record before answering Success; storescp writes the file and does not fsync;
@@ -66,16 +69,28 @@ def wait_echo(port: int, aet: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{aet} on port {port} did not answer C-ECHO within {timeout} s")
 
 
+ASSOCIATIONS = 1
+
+
 def push(files_dir: Path, port: int, aet: str) -> tuple[float, str]:
-    """storescu the whole folder in one association; returns (seconds, stderr tail)."""
+    """storescu the whole folder: one association, or ``ASSOCIATIONS`` storescu processes in
+    parallel, each with an interleaved share of the files. Returns (seconds, stderr tail)."""
     t0 = time.perf_counter()
-    r = subprocess.run(["storescu", "-aet", SCU_AET, "-aec", aet, "+sd", "+r", "127.0.0.1",
-                        str(port), str(files_dir)], env=dcmtk_env(), capture_output=True,
-                       text=True)
+    if ASSOCIATIONS == 1:
+        cmds = [["storescu", "-aet", SCU_AET, "-aec", aet, "+sd", "+r", "127.0.0.1", str(port),
+                 str(files_dir)]]
+    else:
+        files = sorted(str(p) for p in files_dir.rglob("*") if p.is_file())
+        cmds = [["storescu", "-aet", SCU_AET, "-aec", aet, "127.0.0.1", str(port),
+                 *files[i::ASSOCIATIONS]] for i in range(ASSOCIATIONS)]
+    procs = [subprocess.Popen(c, env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    errs = [(p.wait(), p.stderr.read() if p.stderr else "") for p in procs]
     dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"storescu to {aet} failed ({r.returncode}): {r.stderr[-1000:]}")
-    return dt, r.stderr[-500:]
+    for rc, err in errs:
+        if rc != 0:
+            raise RuntimeError(f"storescu to {aet} failed ({rc}): {err[-1000:]}")
+    return dt, errs[0][1][-500:]
 
 
 def stop(proc: subprocess.Popen[Any]) -> None:
@@ -143,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", type=Path, help="folder of DICOM files (default: simulate one)")
     ap.add_argument("--repeats", type=int, default=2, help="pushes per receiver (best is kept)")
+    ap.add_argument("--associations", type=int, nargs="+", default=[1, 4],
+                    help="parallel storescu associations (files split between them); each "
+                         "value is one round over all receivers")
     ap.add_argument("--only", choices=["node", "storescp", "orthanc"], action="append")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
     args = ap.parse_args(argv)
+    global ASSOCIATIONS
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is not installed (DCMTK and Orthanc are needed)", file=sys.stderr)
@@ -158,39 +177,49 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in files)
         runners = {"node": run_node, "storescp": run_storescp, "orthanc": run_orthanc}
         chosen = args.only or list(runners)
-        results: dict[str, Any] = {}
-        for name in chosen:
-            runs = []
-            for i in range(args.repeats):
-                root = tmpdir / f"{name}-{i}"
-                root.mkdir()
-                dt, received = runners[name](files_dir, root)
-                if received != n_files:
-                    raise RuntimeError(f"{name} stored {received} of {n_files} instances")
-                runs.append(dt)
-                print(f"{name} run {i + 1}: {n_files} instances in {dt:.2f} s = "
-                      f"{n_files / dt:.0f}/s", file=sys.stderr)
-            best = min(runs)
-            results[name] = {"seconds": [round(r, 3) for r in runs], "best_seconds": round(best, 3),
-                             "instances_per_second": round(n_files / best, 1)}
+        rounds: dict[str, Any] = {}
+        for n_assoc in args.associations:
+            ASSOCIATIONS = max(1, n_assoc)
+            results: dict[str, Any] = {}
+            for name in chosen:
+                runs = []
+                for i in range(args.repeats):
+                    root = tmpdir / f"{name}-{n_assoc}-{i}"
+                    root.mkdir()
+                    dt, received = runners[name](files_dir, root)
+                    if received != n_files:
+                        raise RuntimeError(f"{name} stored {received} of {n_files} instances")
+                    runs.append(dt)
+                    print(f"{name}, {n_assoc} association(s), run {i + 1}: {n_files} instances "
+                          f"in {dt:.2f} s = {n_files / dt:.0f}/s", file=sys.stderr)
+                best = min(runs)
+                results[name] = {"seconds": [round(r, 3) for r in runs],
+                                 "best_seconds": round(best, 3),
+                                 "instances_per_second": round(n_files / best, 1)}
+            entry: dict[str, Any] = {"receivers": results}
+            if "node" in results:
+                node_rate = results["node"]["instances_per_second"]
+                entry["ratios"] = {f"node_over_{k}": round(node_rate / v["instances_per_second"], 3)
+                                   for k, v in results.items() if k != "node"}
+            rounds[f"{ASSOCIATIONS}_association" + ("s" if ASSOCIATIONS > 1 else "")] = entry
     report: dict[str, Any] = {
         "simulated": args.study is None,
         "study": ("training.simulate --subjects 1 --seed 1 --voxel-mm 2 2 1.5"
                   if args.study is None else str(args.study)),
         "instances": n_files, "bytes": size,
-        "sender": "storescu +sd +r, one association, TCP_NODELAY=1, loopback",
-        "receivers": results,
-        "notes": {"node": "fsyncs file + folder and commits the queue record before Success",
+        "sender": ("storescu, TCP_NODELAY=1, loopback; N associations = N storescu processes "
+                   "in parallel, each sending every N-th file; best of the repeats"),
+        "repeats": args.repeats,
+        "rounds": rounds,
+        "notes": {"node": "fsyncs the file and its folder (folder fsyncs shared between "
+                          "concurrent associations), commits the queue row (no WAL fsync: the "
+                          "file is the durable record), then answers Success",
                   "storescp": "storescp -od DIR, no fsync",
                   "orthanc": "Orthanc default config (SQLite index, files on disk)"},
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
                  "platform": platform.platform()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if "node" in results:
-        node_rate = results["node"]["instances_per_second"]
-        report["ratios"] = {f"node_over_{k}": round(node_rate / v["instances_per_second"], 3)
-                            for k, v in results.items() if k != "node"}
     print(json.dumps(report, indent=2))
     if args.out and not args.only:
         args.out.parent.mkdir(parents=True, exist_ok=True)
