@@ -129,7 +129,10 @@ def test_dir_syncer_covers_every_caller_and_shares_fsyncs(tmp_path, monkeypatch)
     syncer = spool_mod.DirSyncer()
     folder = tmp_path
 
+    barrier = threading.Barrier(16)
+
     def caller():
+        barrier.wait()  # all callers arrive together, as concurrent associations would
         with lock:
             before = len(started)  # fsyncs already started when this rename was done
         syncer.sync(folder)
