@@ -94,6 +94,9 @@ class AppConfig:
     timeout_seconds: float = 3600.0
     max_attempts: int = 2
     cwd: Path = REPO_ROOT
+    #: a successful run must leave at least one DICOM file to deliver; False accepts a run that
+    #: wrote none (the job ends 'done' with no deliveries), e.g. while the app has no DICOM output
+    require_dicom_results: bool = True
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,7 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
         timeout_seconds=float(apr.number("timeout_seconds", 3600.0, strictly_positive=True)),
         max_attempts=int(apr.number("max_attempts", 2, minimum=1, integer=True)),
         cwd=cwd,
+        require_dicom_results=apr.boolean("require_dicom_results", True),
     )
     apr.finish()
 

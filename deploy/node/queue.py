@@ -1,8 +1,11 @@
 """The durable queue: instances, studies, jobs and deliveries in one SQLite file.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a transaction that returned from COMMIT is on
-disk, so once the Storage SCP recorded an instance (after fsyncing its file) and answered Success,
-a kill -9 or a power cut cannot lose it. Every state change is one short transaction.
+disk. Every state change is one short transaction. The one exception is the row of a received
+instance: its fsynced spool file is the durable record, so the row is committed with
+``synchronous=NORMAL`` (atomic, survives kill -9 of the node, but a power cut may roll back the
+latest such rows); ``deploy.node.service.reconcile`` re-registers those files at start-up. The
+reasoning is in deploy/README.md.
 
 Schema (``PRAGMA user_version`` = 1)::
 
@@ -182,15 +185,26 @@ class Queue:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``durable=False`` commits without fsyncing the WAL
+        (synchronous=NORMAL for this commit only): the commit is atomic and survives a crash of
+        the node, but a power cut may roll back it and the other non-durable commits after the
+        last durable one. Any later durable commit makes them durable too (the WAL is synced
+        as a whole, in order)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     # ---------------------------------------------------------------- instances and studies
 
@@ -199,12 +213,14 @@ class Queue:
             return self._db.execute("SELECT * FROM instances WHERE sop_instance_uid = ?",
                                     (sop_instance_uid,)).fetchone()
 
-    def record_instance(self, rec: InstanceRecord, now: float) -> str:
+    def record_instance(self, rec: InstanceRecord, now: float, durable: bool = True) -> str:
         """Record a stored instance; returns 'new', 'replaced' or 'duplicate'.
 
         Applies the late-arrival policy of the module docstring in the same transaction.
+        ``durable=False`` is for an instance whose fsynced spool file is the durable record:
+        after a power cut, ``reconcile`` re-registers a file whose row was rolled back.
         """
-        with self._tx() as db:
+        with self._tx(durable) as db:
             old = db.execute("SELECT sha256, study_uid FROM instances WHERE sop_instance_uid = ?",
                              (rec.sop_instance_uid,)).fetchone()
             if old is not None and old["sha256"] == rec.sha256:
@@ -325,6 +341,7 @@ class Queue:
             db.execute("UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?,"
                        " n_results = ?, reason = ? WHERE id = ?",
                        (now, now, len(results),
+                        "the app wrote no DICOM result" if not results else
                         None if destinations else "no destination configured", job_id))
             for res in results:
                 for dest in destinations:

@@ -3,16 +3,20 @@
 The C-STORE handler, for every instance:
 
 1. refuses with 0xA700 (Out of Resources) when the spool's free space is below ``min_free_mb``;
-2. decodes the header; a dataset that cannot be decoded answers 0xC210;
+2. decodes the data set as received; a data set that cannot be decoded answers 0xC210;
 3. validates StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID (digits and dots, <= 64
    characters); a hostile or malformed UID answers 0xC220 and nothing is written; a SOP Instance
    UID that differs from the one in the C-STORE request answers 0xC221;
 4. recognises a duplicate (same SOP Instance UID, same SHA-256 of the encoded dataset, file
    present) and answers Success without storing it twice;
-5. writes the file (preamble, file meta, dataset exactly as received) to a temp file, fsyncs it,
-   renames it to ``instances/<study>/<series>/<sop>.dcm`` and fsyncs the folder; a full disk
-   answers 0xA700, another I/O error 0xC230;
-6. commits the instance to the SQLite queue (synchronous=FULL), and only then answers 0x0000.
+5. writes the file (preamble, file meta built here, data set bytes exactly as received) to a temp
+   file, fsyncs it, renames it to ``instances/<study>/<series>/<sop>.dcm`` and fsyncs the folder
+   (shared with concurrent writers, see ``spool.DirSyncer``); a full disk answers 0xA700, another
+   I/O error 0xC230;
+6. commits the instance row to the SQLite queue, and only then answers 0x0000. The fsynced file
+   is the durable record, so the row's commit skips the WAL fsync (``reconcile`` re-registers
+   the file after a power cut); the commit is durable when it deletes an older copy
+   (an instance moved to another study/series). Reasoning: deploy/README.md.
 
 Any other exception answers 0xC211 (pynetdicom's status for a failed handler); the node keeps
 running. Calling AE titles not in ``allowed_calling_aets`` are refused at association time.
@@ -21,13 +25,19 @@ running. Calling AE titles not in ``allowed_calling_aets`` are refused at associ
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
-from pynetdicom import ALL_TRANSFER_SYNTAXES, sop_class
+from pydicom.uid import UID
+from pynetdicom import (ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID,
+                        PYNETDICOM_IMPLEMENTATION_VERSION, sop_class)
 
 from .logs import log_event
 from .queue import InstanceRecord, Queue
@@ -70,6 +80,52 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(str(getattr(sop_class, name)) for n
 TRANSFER_SYNTAXES = list(ALL_TRANSFER_SYNTAXES)
 
 _GE_IMAGE_TYPE = Tag(0x0043, 0x102F)
+def decode(raw: bytes, transfer_syntax: str) -> Any:
+    """Decode the data set as received (what pynetdicom's ``Event.dataset`` does).
+
+    The whole data set is walked, so a structurally broken one (a sequence item that is not an
+    item, say) raises here and answers 0xC210 instead of being stored. Deflated transfer syntaxes
+    are inflated first. Element values are converted only when read.
+    """
+    ts = UID(transfer_syntax)
+    if ts.is_deflated:
+        raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+    ds = read_dataset(io.BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian)
+    if len(ds) == 0:
+        raise ValueError(f"no data element could be read from {len(raw)} bytes")
+    return ds
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    b = uid.encode("ascii")
+    return b + b"\x00" if len(b) % 2 else b
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group (explicit VR little endian).
+
+    The same elements pynetdicom's ``Event.file_meta`` holds, encoded directly (pydicom's writer
+    costs about a millisecond per instance). UIDs must already be validated (ASCII).
+    """
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = b"".join((
+        _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, 0x0002, b"UI", _uid_value(sop_class_uid)),
+        _element(0x0002, 0x0003, b"UI", _uid_value(sop_instance_uid)),
+        _element(0x0002, 0x0010, b"UI", _uid_value(transfer_syntax)),
+        _element(0x0002, 0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
+        _element(0x0002, 0x0013, b"SH", version),
+    ))
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 def _text(ds: Any, keyword: str) -> str:
@@ -92,6 +148,14 @@ def _ge_component(ds: Any) -> int | None:
         return int(value)
     except Exception:
         return None
+
+
+def _is_uid(value: str) -> bool:
+    try:
+        validate_uid(value)
+        return True
+    except InvalidUID:
+        return False
 
 
 class StoreHandler:
@@ -124,8 +188,10 @@ class StoreHandler:
                       reason=exc.strerror)
             return STATUS_OUT_OF_RESOURCES
 
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
-            ds = event.dataset
+            raw = event.encoded_dataset(include_meta=False)
+            ds = decode(raw, transfer_syntax)
             raw_uids = (ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"),
                         ds.get("SOPInstanceUID"))
             sop_class_uid = str(ds.get("SOPClassUID", "") or event.request.AffectedSOPClassUID)
@@ -152,7 +218,9 @@ class StoreHandler:
                       status="0xC221", reason="SOP Instance UID differs from the C-STORE request")
             return STATUS_UID_MISMATCH
 
-        data = event.encoded_dataset(include_meta=True)
+        sop_class_uid = validate_uid(sop_class_uid, "SOPClassUID") \
+            if _is_uid(sop_class_uid) else str(event.request.AffectedSOPClassUID)
+        data = file_meta(sop_class_uid, sop, transfer_syntax) + raw
         digest = hashlib.sha256(data).hexdigest()
         path = self.spool.instance_path(study, series, sop)
         rel = str(path.relative_to(self.spool.root))
@@ -174,13 +242,17 @@ class StoreHandler:
                 log_event("store_failed", level="error", calling_aet=calling, study_uid=study,
                           status="0xC230", reason=f"cannot write to the spool: {exc}")
                 return STATUS_STORE_FAILED
+            # The fsynced file is the durable record; the queue row may be committed without its
+            # own fsync (reconcile re-registers it after a power cut), except when an instance
+            # moves to another study/series and the old file is deleted (see deploy/README.md).
+            moved = existing is not None and existing["path"] != rel
             outcome = self.queue.record_instance(InstanceRecord(
                 sop_instance_uid=sop, study_uid=study, series_uid=series,
-                sop_class_uid=sop_class_uid, transfer_syntax=str(event.context.transfer_syntax),
+                sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
                 path=rel, sha256=digest, size=len(data), calling_aet=calling, modality=modality,
                 image_type=image_type, series_description=description, component=component,
-            ), self.clock())
-            if outcome == "replaced" and existing is not None and existing["path"] != rel:
+            ), self.clock(), durable=moved)
+            if outcome == "replaced" and moved:
                 # same SOP Instance UID re-sent under another study/series: drop the old copy
                 (self.spool.root / existing["path"]).unlink(missing_ok=True)
         log_event("instance_stored", calling_aet=calling, study_uid=study, series_uid=series,

@@ -151,7 +151,7 @@ class Worker:
                        f"app exited with code {rc}" + (f": {tail}" if tail else ""))
             return
         results = collect_results(out, self.spool.root)
-        if not results:
+        if not results and self.cfg.app.require_dicom_results:
             self._fail(job_id, study, calling, "app exited 0 but wrote no DICOM file")
             return
         self.queue.finish_job(job_id, results, [d.name for d in self.cfg.destinations], self.clock())

@@ -131,3 +131,12 @@ def test_tls_section_with_real_files_builds_contexts(tmp_path: Path) -> None:
     assert server.verify_mode == ssl.CERT_REQUIRED  # mutual TLS: clients must show a certificate
     client = cfg.tls.client_context()
     assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname is False
+
+
+def test_require_dicom_results_defaults_true_and_must_be_a_boolean(tmp_path: Path) -> None:
+    base = {"ae_title": "NODE", "port": 11112, "spool": str(tmp_path)}
+    assert parse_config(base, tmp_path).app.require_dicom_results is True
+    off = parse_config({**base, "app": {"require_dicom_results": False}}, tmp_path)
+    assert off.app.require_dicom_results is False
+    with pytest.raises(ConfigError, match="app.require_dicom_results"):
+        parse_config({**base, "app": {"require_dicom_results": "yes"}}, tmp_path)

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from deploy.node.queue import Queue
@@ -40,11 +42,20 @@ def encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def encode_dataset_only(ds: Dataset) -> bytes:
+    """The data set as a peer sends it in C-STORE (no preamble, no file meta)."""
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
 class FakeEvent:
     """The parts of pynetdicom's Event the handler uses."""
 
     def __init__(self, ds: Dataset | None, request_sop: str, raw: bytes = b"", decode_error: bool = False):
-        self._ds, self._raw, self._err = ds, raw or (encode(ds) if ds is not None else b""), decode_error
+        self._ds, self._err = ds, decode_error
+        self._raw = raw or (encode_dataset_only(ds) if ds is not None else b"")
         self.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="SCANNER"))
         self.request = SimpleNamespace(AffectedSOPInstanceUID=request_sop, AffectedSOPClassUID=MRImageStorage)
         self.context = SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian)
@@ -56,6 +67,7 @@ class FakeEvent:
         return self._ds
 
     def encoded_dataset(self, include_meta: bool = True) -> bytes:
+        assert not include_meta, "the node builds the file meta itself"
         return self._raw
 
 
@@ -100,8 +112,71 @@ def test_missing_uid_and_request_mismatch(handler: StoreHandler) -> None:
     assert handler.handle_store(FakeEvent(ds, "1.2.999")) == STATUS_UID_MISMATCH
 
 
-def test_undecodable_dataset_answers_c210(handler: StoreHandler) -> None:
-    assert handler.handle_store(FakeEvent(None, "1.2", raw=b"junk", decode_error=True)) == STATUS_CANNOT_DECODE
+@pytest.mark.parametrize("junk", [b"junk", b"\x00" * 3])
+def test_undecodable_dataset_answers_c210(handler: StoreHandler, junk: bytes) -> None:
+    assert handler.handle_store(FakeEvent(None, "1.2", raw=junk, decode_error=True)) == STATUS_CANNOT_DECODE
+    assert list(handler.spool.instances.rglob("*.dcm")) == []
+
+
+def test_file_meta_matches_pydicom_and_data_set_is_byte_exact(handler: StoreHandler) -> None:
+    ds = mr()
+    ds.PixelData = bytes(range(256)) * 8
+    ds.Rows, ds.Columns, ds.BitsAllocated = 32, 32, 16
+    raw = encode_dataset_only(ds)
+    assert handler.handle_store(FakeEvent(ds, ds.SOPInstanceUID, raw=raw)) == STATUS_SUCCESS
+    path = handler.spool.instances / "1.2.3" / "1.2.3.4" / f"{ds.SOPInstanceUID}.dcm"
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM" and data.endswith(raw)
+    back = pydicom.dcmread(path)
+    meta = back.file_meta
+    assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert meta.MediaStorageSOPClassUID == MRImageStorage
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+    assert meta.FileMetaInformationGroupLength == len(data) - len(raw) - 132 - 12
+    assert back.PixelData == ds.PixelData
+
+
+def test_decode_reads_the_identifying_tags_and_refuses_a_broken_sequence() -> None:
+    from deploy.node.scp import decode
+    ds = mr()
+    raw = encode_dataset_only(ds)
+    h = decode(raw, ExplicitVRLittleEndian)
+    assert (h.StudyInstanceUID, h.SeriesInstanceUID, h.Modality) == ("1.2.3", "1.2.3.4", "MR")
+    assert list(h.ImageType) == ["ORIGINAL", "PRIMARY", "P", "ND"]
+    # a private sequence whose item is not an item, after a valid header
+    garbage_sq = b"\xe1\x7f\x10\x00SQ\x00\x00\xff\xff\xff\xff" + b"\x01\x02\x03\x04\x10\x00\x00\x00" + bytes(4)
+    with pytest.raises(Exception):
+        decode(raw + garbage_sq, ExplicitVRLittleEndian)
+
+
+def test_instance_row_is_committed_without_fsync_and_pragma_restored(handler: StoreHandler,
+                                                                     monkeypatch) -> None:
+    seen = []
+    real = handler.queue.record_instance
+    monkeypatch.setattr(handler.queue, "record_instance",
+                        lambda rec, now, durable=True: (seen.append(durable), real(rec, now, durable))[1])
+    ds = mr(series="1.2.3.4")
+    assert handler.handle_store(FakeEvent(ds, ds.SOPInstanceUID)) == STATUS_SUCCESS
+    ds.SeriesInstanceUID = "1.2.3.5"  # moved: the old file is deleted, so this commit is durable
+    assert handler.handle_store(FakeEvent(ds, ds.SOPInstanceUID)) == STATUS_SUCCESS
+    assert seen == [False, True]
+    # the connection is back to synchronous=FULL (2) for every other transaction
+    assert handler.queue._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_power_cut_rolling_back_instance_rows_is_repaired_by_reconcile(handler: StoreHandler) -> None:
+    stored = [mr() for _ in range(3)]
+    for ds in stored:
+        assert handler.handle_store(FakeEvent(ds, ds.SOPInstanceUID)) == STATUS_SUCCESS
+    # what a power cut can do to the non-durable commits: the newest rows are gone
+    with handler.queue._tx() as db:
+        for ds in stored[1:]:
+            db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (ds.SOPInstanceUID,))
+        db.execute("UPDATE studies SET n_instances = 1")
+    assert reconcile(handler.spool, handler.queue, clock=lambda: 2000.0) == 2
+    assert all(handler.queue.find_instance(ds.SOPInstanceUID) is not None for ds in stored)
+    assert handler.queue.snapshot()["studies"][0]["n_instances"] == 3
 
 
 def test_unexpected_exception_answers_c211_not_crash(handler: StoreHandler, monkeypatch) -> None:

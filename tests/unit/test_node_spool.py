@@ -107,3 +107,49 @@ def test_snapshot_links_files_and_starts_clean(tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.rglob("*") if p.is_file()) == ["1.2.3.4.dcm"]
     linked = dest / "1.2.3" / "1.2.3.4.dcm"
     assert linked.read_bytes() == b"pixels" and linked.stat().st_ino == src.stat().st_ino
+
+
+def test_dir_syncer_covers_every_caller_and_shares_fsyncs(tmp_path, monkeypatch) -> None:
+    """Concurrent callers each return only after an fsync that started after their call."""
+    import threading
+    import time as _time
+
+    from deploy.node import spool as spool_mod
+
+    started: list[int] = []   # index of the fsync each caller's call came before
+    calls: list[tuple[int, int]] = []  # (fsync sequence number at call time, at return)
+    lock = threading.Lock()
+
+    def slow_fsync(folder):
+        with lock:
+            started.append(len(started))
+        _time.sleep(0.02)
+
+    monkeypatch.setattr(spool_mod, "fsync_dir", slow_fsync)
+    syncer = spool_mod.DirSyncer()
+    folder = tmp_path
+
+    barrier = threading.Barrier(16)
+
+    def caller():
+        barrier.wait()  # all callers arrive together, as concurrent associations would
+        with lock:
+            before = len(started)  # fsyncs already started when this rename was done
+        syncer.sync(folder)
+        with lock:
+            calls.append((before, len(started)))
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 16
+    # each caller saw at least one fsync start after its call
+    assert all(after > before for before, after in calls)
+    # and 16 callers shared far fewer than 16 fsyncs
+    assert syncer.fsyncs == len(started) < 16
+    # a lone caller still gets its own fsync
+    n = syncer.fsyncs
+    syncer.sync(folder)
+    assert syncer.fsyncs == n + 1

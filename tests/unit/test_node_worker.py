@@ -53,7 +53,8 @@ def setup(tmp_path: Path, script: str, **cfg_extra):
     (tmp_path / "app.py").write_text(script)
     data = {"ae_title": "NODE", "port": 11112, "spool": "spool", "study_quiet_seconds": 1,
             "app": {"command": [sys.executable, str(tmp_path / "app.py"), "{input}", "{output}"],
-                    "timeout_seconds": cfg_extra.pop("timeout", 20), "max_attempts": 2},
+                    "timeout_seconds": cfg_extra.pop("timeout", 20), "max_attempts": 2,
+                    "require_dicom_results": cfg_extra.pop("require_dicom", True)},
             "retry": {"backoff_base_seconds": 2, "backoff_max_seconds": 8}}
     data.update(cfg_extra)
     cfg = parse_config(data, tmp_path)
@@ -113,6 +114,18 @@ def test_worker_with_no_dicom_output_fails(tmp_path: Path) -> None:
     cfg, sp, q, worker, clock, done = setup(tmp_path, SILENT_APP)
     worker.run_once()
     assert q.snapshot()["jobs"][0]["reason"] == "app exited 0 but wrote no DICOM file"
+
+
+def test_worker_with_no_dicom_output_is_done_when_results_are_optional(tmp_path: Path) -> None:
+    cfg, sp, q, worker, clock, done = setup(
+        tmp_path, SILENT_APP, require_dicom=False,
+        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 1}])
+    assert cfg.app.require_dicom_results is False
+    worker.run_once()
+    snap = q.snapshot()
+    job = snap["jobs"][0]
+    assert (job["state"], job["n_results"], job["reason"]) == ("done", 0, "the app wrote no DICOM result")
+    assert snap["deliveries"] == [] and done.is_set()
 
 
 def test_sender_backs_off_then_delivers_to_a_storage_scp(tmp_path: Path) -> None:

@@ -1,0 +1,192 @@
+"""End-to-end benchmark: a simulated study pushed with storescu to the node, which runs the real
+app (``python -m app -i {input} -o {output}``) and sends the app's DICOM results to Orthanc.
+
+    python -m bench.end_to_end [--voxel-mm 3 3 3] [--quiet 2] [--out bench/results/end_to_end.json]
+
+Reported, in seconds, from the last instance received (the study's ``last_received`` in the
+node's queue): to the job being queued (the quiet period ``study_quiet_seconds``), to the app
+starting, to the job ``done`` (app finished, results recorded), and, if the app wrote DICOM files,
+to the last of them being stored in Orthanc (``delivered``), with what arrived (SOP class, series
+description, modality). An app that writes no DICOM (today's app writes summary.json + NIfTI)
+ends at ``done`` with ``n_results`` 0, and the report says so.
+
+:func:`run_end_to_end` is also what ``tests/integration/test_node_end_to_end.py`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.ingest import dcmtk_env, free_port, simulate_study, stop, wait_echo
+from deploy.node.queue import Queue
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+NODE_AET, SCU_AET = "CMB_NODE", "BENCH_SCU"
+
+
+def _http_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def start_orthanc(root: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Orthanc 1.10 on loopback with a temp config; returns (process, DICOM port, HTTP port)."""
+    dicom_port, http_port = free_port(), free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = {"Name": "e2e-orthanc", "DicomAet": "ORTHANC", "DicomPort": dicom_port,
+           "HttpPort": http_port, "StorageDirectory": str(root / "storage"),
+           "IndexDirectory": str(root / "index"), "RemoteAccessAllowed": False,
+           "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+           "DicomModalities": {}, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True}
+    (root / "orthanc.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_echo(dicom_port, "ORTHANC")
+    return proc, dicom_port, http_port
+
+
+def start_node(root: Path, orthanc_port: int, quiet: float) -> tuple[subprocess.Popen[bytes], int]:
+    """The node with the real app and Orthanc as destination; returns (process, DICOM port)."""
+    port = free_port()
+    cfg = {"ae_title": NODE_AET, "port": port, "bind": "127.0.0.1", "spool": str(root / "spool"),
+           "allowed_calling_aets": [SCU_AET], "study_quiet_seconds": quiet, "min_free_mb": 1,
+           "workers": 1, "poll_seconds": 0.1,
+           "destinations": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}],
+           "retry": {"max_attempts": 5, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2},
+           "app": {"command": ["python", "-m", "app", "-i", "{input}", "-o", "{output}"],
+                   "timeout_seconds": 600, "max_attempts": 1,
+                   # today's app writes no DICOM yet: measure to 'done' (see module doc)
+                   "require_dicom_results": False}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "node.yaml").write_text(yaml.safe_dump(cfg))
+    with open(root / "node.log", "wb") as log:
+        proc = subprocess.Popen([PY, "-m", "deploy.node", "--config", str(root / "node.yaml")],
+                                cwd=REPO, stdout=log, stderr=log)
+    wait_echo(port, NODE_AET)
+    return proc, port
+
+
+def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
+                   timeout: float = 600.0) -> dict[str, Any]:
+    """Push ``study_dir`` through node -> app -> Orthanc and time each stage (see module doc)."""
+    orthanc, o_dicom, o_http = start_orthanc(work / "orthanc")
+    node = None
+    try:
+        node, port = start_node(work / "node", o_dicom, quiet)
+        n_files = sum(1 for p in study_dir.rglob("*") if p.is_file())
+        t0 = time.time()
+        push = subprocess.run(["storescu", "-aet", SCU_AET, "-aec", NODE_AET, "+sd", "+r",
+                               "127.0.0.1", str(port), str(study_dir)], env=dcmtk_env(),
+                              capture_output=True, text=True, timeout=timeout)
+        if push.returncode != 0:
+            raise RuntimeError(f"storescu failed: {push.stderr[-1000:]}")
+        push_seconds = time.time() - t0
+        queue = Queue(work / "node" / "spool" / "queue.sqlite", readonly=True)
+
+        def finished() -> dict[str, Any] | None:
+            jobs = queue.snapshot()["jobs"]
+            if jobs and jobs[-1]["state"] in ("done", "delivered", "failed", "skipped"):
+                return jobs[-1]
+            return None
+
+        job = _wait(finished, timeout, "the job to finish", interval=0.05)
+        snap = queue.snapshot()
+        study = snap["studies"][0]
+        if job["state"] not in ("done", "delivered"):
+            log = (work / "node" / "node.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"job ended {job['state']}: {job['reason']}\n{log}")
+        last = float(study["last_received"])
+        report: dict[str, Any] = {
+            "instances_sent": n_files, "instances_stored": int(study["n_instances"]),
+            "push_seconds": round(push_seconds, 2), "study_quiet_seconds": quiet,
+            "job_state": job["state"], "trigger": job["trigger"], "n_results": job["n_results"],
+            "seconds_last_instance_to_app_start": round(float(job["started_at"]) - last, 2),
+            "app_seconds": round(float(job["finished_at"]) - float(job["started_at"]), 2),
+            "seconds_last_instance_to_done": round(float(job["finished_at"]) - last, 2),
+        }
+        if job["n_results"]:
+            def delivered() -> dict[str, Any] | None:
+                s = queue.snapshot()
+                states = [d["state"] for d in s["deliveries"]]
+                if states and all(st == "delivered" for st in states):
+                    return s
+                if "failed" in states:
+                    raise RuntimeError(f"a delivery gave up: {s['deliveries']}")
+                return None
+            s = _wait(delivered, timeout, "the results to reach Orthanc", interval=0.05)
+            t_stored = max(float(d["updated_at"]) for d in s["deliveries"])
+            arrived = []
+            for iid in _http_json(f"http://127.0.0.1:{o_http}/instances"):
+                tags = _http_json(f"http://127.0.0.1:{o_http}/instances/{iid}/simplified-tags")
+                arrived.append({k: tags.get(k) for k in ("SOPClassUID", "Modality",
+                                                         "SeriesDescription", "SOPInstanceUID",
+                                                         "StudyInstanceUID")})
+            report.update({
+                "seconds_last_instance_to_results_in_orthanc": round(t_stored - last, 2),
+                "results_in_orthanc": arrived,
+                "measured_to": "results stored in Orthanc",
+            })
+        else:
+            report.update({"results_in_orthanc": [],
+                           "measured_to": "job 'done' (the app wrote no DICOM result yet)"})
+        report["app_output_files"] = sorted(
+            str(p.relative_to(work / "node" / "spool" / "jobs"))
+            for p in (work / "node" / "spool" / "jobs").rglob("output/*") if p.is_file())
+        queue.close()
+        return report
+    finally:
+        if node is not None:
+            stop(node)
+        stop(orthanc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", type=Path, help="folder of DICOM files (default: simulate one)")
+    ap.add_argument("--voxel-mm", type=float, nargs=3, default=(3.0, 3.0, 3.0))
+    ap.add_argument("--quiet", type=float, default=2.0, help="node study_quiet_seconds")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "end_to_end.json")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cmb-e2e-") as tmp:
+        work = Path(tmp)
+        study = args.study or simulate_study(work / "sim", tuple(args.voxel_mm))
+        report = run_end_to_end(study, work, quiet=args.quiet)
+    report = {"simulated": args.study is None,
+              "study": (f"training.simulate --subjects 1 --seed 1 --voxel-mm "
+                        f"{' '.join(str(v) for v in args.voxel_mm)}" if args.study is None
+                        else str(args.study)),
+              **report,
+              "host": {"python": platform.python_version(), "platform": platform.platform()},
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
