@@ -156,6 +156,11 @@ def test_app_yaml_is_read_by_holoscan_cli_420(holoscan_cli_420: Path, tmp_path: 
     assert re.fullmatch(r"\d+\.\d+\.\d+", str(got["version"]))
     assert got["resources"] == ours["resources"]
     assert got["resources"]["gpu"] == 0 and got["resources"]["memory"].endswith("Gi")
+    # the formats are under the keys this reader version reads (it ignores "inputFormats")
+    reader_src = (holoscan_cli_420 / "holoscan_cli" / "packager" / "config_reader.py").read_text()
+    for key in ("input-formats", "output-formats"):
+        assert f'"{key}"' in reader_src
+        assert ours["application"][key] == ["file"]
     # the reader does reject a manifest without a title (so the check above can fail)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"application": {"version": "1.0.0"}, "resources": {}}))
