@@ -137,7 +137,13 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
                     raise RuntimeError(f"a delivery gave up: {s['deliveries']}")
                 return None
             s = _wait(delivered, timeout, "the results to reach Orthanc", interval=0.05)
-            t_stored = max(float(d["updated_at"]) for d in s["deliveries"])
+            t_stored = max(float(d["delivered_at"]) for d in s["deliveries"])
+
+            def job_delivered() -> dict[str, Any] | None:
+                jobs = queue.snapshot()["jobs"]
+                return jobs[-1] if jobs and jobs[-1]["state"] == "delivered" else None
+            report["job_state"] = _wait(job_delivered, timeout, "the job to be marked delivered",
+                                        interval=0.05)["state"]
             arrived = []
             for iid in _http_json(f"http://127.0.0.1:{o_http}/instances"):
                 tags = _http_json(f"http://127.0.0.1:{o_http}/instances/{iid}/simplified-tags")
