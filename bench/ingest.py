@@ -36,6 +36,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SCU_AET = "BENCH_SCU"
+#: storescu proposes a 128 KiB maximum PDU (DCMTK's default is 16 KiB); every receiver here
+#: advertises a larger or unlimited one, so this sets the PDU size the SCP receives.
+SCU_OPTS = ("-pdu", "131072")
+NODE_FAST_POLLING = True
 
 
 def free_port() -> int:
@@ -77,11 +81,11 @@ def push(files_dir: Path, port: int, aet: str) -> tuple[float, str]:
     parallel, each with an interleaved share of the files. Returns (seconds, stderr tail)."""
     t0 = time.perf_counter()
     if ASSOCIATIONS == 1:
-        cmds = [["storescu", "-aet", SCU_AET, "-aec", aet, "+sd", "+r", "127.0.0.1", str(port),
+        cmds = [["storescu", *SCU_OPTS, "-aet", SCU_AET, "-aec", aet, "+sd", "+r", "127.0.0.1", str(port),
                  str(files_dir)]]
     else:
         files = sorted(str(p) for p in files_dir.rglob("*") if p.is_file())
-        cmds = [["storescu", "-aet", SCU_AET, "-aec", aet, "127.0.0.1", str(port),
+        cmds = [["storescu", *SCU_OPTS, "-aet", SCU_AET, "-aec", aet, "127.0.0.1", str(port),
                  *files[i::ASSOCIATIONS]] for i in range(ASSOCIATIONS)]
     procs = [subprocess.Popen(c, env=dcmtk_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for c in cmds]
@@ -107,7 +111,8 @@ def run_node(files_dir: Path, root: Path) -> tuple[float, int]:
     spool = root / "spool"
     cfg = {"ae_title": "CMB_NODE", "port": port, "bind": "127.0.0.1", "spool": str(spool),
            "allowed_calling_aets": [SCU_AET], "study_quiet_seconds": 3600, "min_free_mb": 1,
-           "workers": 1, "poll_seconds": 0.5}
+           "workers": 1, "poll_seconds": 0.5,
+           "association": {"fast_polling": NODE_FAST_POLLING}}
     (root / "node.yaml").write_text(yaml.safe_dump(cfg))
     with open(root / "node.log", "wb") as log:
         proc = subprocess.Popen([PY, "-m", "deploy.node", "--config", str(root / "node.yaml")],
@@ -161,9 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4],
                     help="parallel storescu associations (files split between them); each "
                          "value is one round over all receivers")
+    ap.add_argument("--node-fast-polling", choices=["true", "false"], default="true",
+                    help="the node's association.fast_polling (default true)")
     ap.add_argument("--only", choices=["node", "storescp", "orthanc"], action="append")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
     args = ap.parse_args(argv)
+    global NODE_FAST_POLLING
+    NODE_FAST_POLLING = args.node_fast_polling == "true"
     global ASSOCIATIONS
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -207,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         "study": ("training.simulate --subjects 1 --seed 1 --voxel-mm 2 2 1.5"
                   if args.study is None else str(args.study)),
         "instances": n_files, "bytes": size,
-        "sender": ("storescu, TCP_NODELAY=1, loopback; N associations = N storescu processes "
+        "sender": ("storescu -pdu 131072, TCP_NODELAY=1 (storescu and storescp), loopback; "
+                   "N associations = N storescu processes "
                    "in parallel, each sending every N-th file; best of the repeats"),
         "repeats": args.repeats,
+        "node_config": {"association.maximum_pdu_size": 0,
+                        "association.fast_polling": NODE_FAST_POLLING},
+        "load_average_at_end": os.getloadavg(),
         "rounds": rounds,
         "notes": {"node": "fsyncs the file and its folder (folder fsyncs shared between "
                           "concurrent associations), commits the queue row (no WAL fsync: the "

@@ -67,6 +67,7 @@ class AssociationLimits:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     maximum_pdu_size: int = 0  # 0: unlimited
+    fast_polling: bool = True  # deploy/node/pynetdicom_tuning.py
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,7 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
         dimse_timeout=float(ar.number("dimse_timeout", 60.0, strictly_positive=True)),
         network_timeout=float(ar.number("network_timeout", 60.0, strictly_positive=True)),
         maximum_pdu_size=int(ar.number("maximum_pdu_size", 0, integer=True)),
+        fast_polling=ar.boolean("fast_polling", True),
     )
     ar.finish()
 

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import Verification
 
 from .config import NodeConfig
 from .logs import configure, log_event
+from .pynetdicom_tuning import conn_open_handlers
 from .queue import InstanceRecord, Queue
 from .scheduler import Scheduler, image_component
 from .scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StoreHandler
@@ -114,6 +115,7 @@ class Node:
             (evt.EVT_ACCEPTED, _log_assoc("association_accepted")),
             (evt.EVT_REJECTED, _log_assoc("association_rejected", "warning")),
             (evt.EVT_ABORTED, _log_assoc("association_aborted", "warning")),
+            *conn_open_handlers(a.fast_polling),
         ]
         ssl_context = cfg.tls.server_context() if cfg.tls is not None else None
         self.server = ae.start_server((cfg.bind, cfg.port), block=False, evt_handlers=handlers,
