@@ -10,8 +10,9 @@ What :func:`write_sr` puts in the report (DESIGN.md section 4, "SR"):
   CodingSchemeIdentificationSequence: no verifiable SNOMED CT concept for "cerebral microbleed");
   finding category SCT "Morphologically Abnormal Structure"; finding site = MARS region (SNOMED CT
   where PS3.16 has the structure, else private) with laterality (SCT Left / Right, DCM Median);
-  location = SCOORD3D POINT in the source frame of reference; when a SEG exists, a reference to the
-  segment of the finding's kind (microbleeds, calcifications, iron deposits); measurements
+  location = SCOORD3D POINT "Center" (DCM 111010) in the source frame of reference; as the group's
+  ROI, a reference to the segment of the finding's kind (microbleeds, calcifications, iron
+  deposits) when a SEG exists, else a POINT volume surface at the centre; measurements
   diameter (mm), volume (mm3), mean magnetic susceptibility (UCUM ``[ppm]``), detection probability
   (UCUM ``1``); qualitative evaluations MARS category and certainty (definite / possible);
 * one TID 1501 summary group (tracking identifier ``Microbleed summary``): total number of
@@ -85,7 +86,7 @@ def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg, seg_numbers
     if seg is not None and f.kind in seg_numbers and f.mask_label:
         kw["referenced_segment"] = hd.sr.ReferencedSegment.from_segmentation(seg, seg_numbers[f.kind])
     else:
-        kw["referenced_regions"] = [_point(f, gre)]
+        kw["referenced_volume_surface"] = _point(f, gre)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=codes.FINDING_BY_KIND[f.kind],
@@ -95,26 +96,28 @@ def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg, seg_numbers
         qualitative_evaluations=evaluations,
         **kw,
     )
-    if "referenced_segment" in kw:
-        _append_centre(group, f, gre)
+    _append_centre(group, f, gre)
     return group
 
 
-def _point(f: Finding, gre: GREVolume) -> hd.sr.ImageRegion3D:
-    return hd.sr.ImageRegion3D(
+def _point(f: Finding, gre: GREVolume) -> hd.sr.VolumeSurface:
+    """The ROI of a finding without a segment: a POINT volume surface at its centre (TID 1411)."""
+    return hd.sr.VolumeSurface(
         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
         graphic_data=np.array([list(f.centre_lps_mm)], dtype=np.float64),
         frame_of_reference_uid=gre.geometry.frame_of_reference_uid,
+        source_series=hd.sr.SourceSeriesForSegmentation(gre.magnitude_series_uid),
     )
 
 
 def _append_centre(group, f: Finding, gre: GREVolume) -> None:
-    """Add the centre as SCOORD3D POINT "Center" (DCM 111010) to a group whose ROI is a segment.
+    """Add the centre as SCOORD3D POINT "Center" (DCM 111010) to a measurement group.
 
     TID 1411 takes one ROI per group (highdicom refuses both a segment and a region, and refuses
-    coordinates on measurements of a volumetric group). With a SEG the ROI is the segment, so the
-    centre is appended as one more content item of the group, so that every group carries its
-    location in patient coordinates.
+    coordinates on measurements of a volumetric group). With a SEG the ROI is the segment, else a
+    POINT volume surface; in both cases the centre is appended as one more content item of the
+    group, so that every group carries its location the same way, in patient coordinates of the
+    source frame of reference.
     """
     item = hd.sr.Scoord3DContentItem(
         name=codes.CENTRE,
