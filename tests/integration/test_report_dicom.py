@@ -233,3 +233,16 @@ def test_negative_study(case, tmp_path):
     counts = {x.name.meaning: x.value for x in summary.get_measurements()}
     assert counts["Number of lesions (observable entity)"] == 0
     assert counts["Number of lobar microbleeds"] == 0
+
+
+def test_write_reports_writes_everything(case, tmp_path):
+    from core.report import write_reports
+
+    c = case["enhanced"]
+    out = write_reports(c["findings"], c["gre"], case["study"].chi_ppm, tmp_path, VERSION)
+    assert [p.name for p in out["seg"]] == ["SEG_CMB.dcm"]
+    assert [p.name for p in out["sr"]] == ["SR_CMB.dcm"]
+    assert [p.name for p in out["key_images"]] == [f"KEY_{n:03d}.dcm" for n in range(1, 6)]
+    text = (tmp_path / "cmb_summary.txt").read_text()
+    assert text.startswith("Cerebral microbleeds (QSM): 4 (")
+    assert "Distribution: mixed." in text  # lobar + deep (external capsule) + brainstem
