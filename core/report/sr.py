@@ -25,6 +25,7 @@ UIDs from :mod:`core.uids` (kind ``"SR CMB"``).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 from collections import Counter
 from pathlib import Path
@@ -67,7 +68,7 @@ def _finding_site(region_key: str | None, side: str | None) -> list[hd.sr.Findin
     return [hd.sr.FindingSite(anatomic_location=codes.REGION_CODES[region_key], laterality=lat)]
 
 
-def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg, seg_numbers: dict[str, int]):
+def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg_refs: dict[str, hd.sr.ReferencedSegment]):
     tracking = hd.sr.TrackingIdentifier(
         identifier=tracking_label(f),
         uid=derived_uid("finding", findings.study_instance_uid, findings.algorithm_version, str(f.index), f.kind),
@@ -83,8 +84,8 @@ def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg, seg_numbers
     if f.mars_category:
         evaluations.insert(0, hd.sr.QualitativeEvaluation(codes.MARS_CATEGORY, codes.CATEGORY_VALUES[f.mars_category]))
     kw = {}
-    if seg is not None and f.kind in seg_numbers and f.mask_label:
-        kw["referenced_segment"] = hd.sr.ReferencedSegment.from_segmentation(seg, seg_numbers[f.kind])
+    if f.kind in seg_refs and f.mask_label:
+        kw["referenced_segment"] = copy.deepcopy(seg_refs[f.kind])
     else:
         kw["referenced_volume_surface"] = _point(f, gre)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -160,9 +161,11 @@ def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
         observer_identifying_attributes=device))
-    seg_numbers = segment_numbers(findings) if seg is not None else {}
+    # one reference per segment, shared by the groups of that kind (from_segmentation walks the SEG)
+    seg_refs = ({kind: hd.sr.ReferencedSegment.from_segmentation(seg, n)
+                 for kind, n in segment_numbers(findings).items()} if seg is not None else {})
     ordered = findings.microbleeds + findings.mimics
-    groups = [_group(f, gre, findings, seg, seg_numbers) for f in ordered]
+    groups = [_group(f, gre, findings, seg_refs) for f in ordered]
     groups.append(_summary_group(findings))
     report = hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=codes.PROCEDURE, imaging_measurements=groups,
