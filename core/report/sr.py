@@ -32,7 +32,6 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.sequence import Sequence as DicomSequence
 
 from core.dicom.volume import GREVolume

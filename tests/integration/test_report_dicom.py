@@ -30,6 +30,9 @@ from training.sim.phantom import simulate_subject
 
 VERSION = "0.1.0"
 
+# one 4 mm simulation (about 10-20 s on 2 shared cores) feeds every test of the module
+pytestmark = [pytest.mark.slow, pytest.mark.dicom_tools]
+
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
@@ -106,9 +109,8 @@ def test_seg_frames_match_label_map_at_their_positions(case, name):
         assert len(src_uids) == 1
 
 
-def _groups_by_label(sr_ds):
-    content = hd.sr.srread(sr_ds) if not isinstance(sr_ds, hd.sr.Comprehensive3DSR) else sr_ds
-    report = content.content
+def _groups_by_label(sr: hd.sr.Comprehensive3DSR):
+    report = sr.content
     return {g.tracking_identifier: g for g in
             report.get_volumetric_roi_measurement_groups()}, report
 
@@ -130,7 +132,8 @@ def test_sr_reads_back_with_each_microbleed(case, name):
         site = g.finding_sites[0]
         assert site.value.value == codes.REGION_CODES[f.mars_region].value
         assert site.laterality.value == codes.LATERALITY[f.side].value
-        centre = [it for it in g[0].ContentSequence if it.ValueType == "SCOORD3D" and it.ConceptNameCodeSequence[0].CodeValue == "111010"]
+        centre = [it for it in g[0].ContentSequence
+                  if it.ValueType == "SCOORD3D" and it.ConceptNameCodeSequence[0].CodeValue == "111010"]
         assert len(centre) == 1
         assert centre[0].ReferencedFrameOfReferenceUID == c["gre"].geometry.frame_of_reference_uid
         assert np.allclose(centre[0].GraphicData, f.centre_lps_mm, atol=1e-3)
