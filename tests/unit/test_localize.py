@@ -156,3 +156,16 @@ def test_mars_table_counts() -> None:
     assert t["unlocalised"] == 1
     assert t["total"] == {"definite": 5, "possible": 2, "total": 7}
     assert len(t["regions"]) == 13
+
+
+def test_deformable_stage_keeps_the_known_affine(warped_template) -> None:
+    """The optional BSpline stage, composed after the affine, must not spoil an exact affine fit."""
+    img, geom = warped_template
+    mask = img > 0.05 * img.max()
+    reg = register_template(img, mask, geom, working_mm=4.0, deformable=True, bspline_iterations=10)
+    assert reg.deformable and "bspline_s" in reg.timings_s
+    ijk = np.argwhere(ndimage.binary_erosion(mask, iterations=3))[::97].astype(np.float64)
+    lps = ijk @ geom.affine[:3, :3].T + geom.affine[:3, 3]
+    err = np.linalg.norm(reg.subject_to_mni(lps) - KNOWN.subject_to_mni(lps), axis=1)
+    assert np.median(err) < 1.0, np.median(err)
+    assert np.percentile(err, 95) < 2.0, np.percentile(err, 95)
