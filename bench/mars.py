@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from core.localize import localize_points  # noqa: E402
 from core.qsm.mask import brain_mask  # noqa: E402
 from core.registration import register_template  # noqa: E402
-from training.sim.phantom import simulate_subject  # noqa: E402
+from training.sim.phantom import SubjectTransform, simulate_subject  # noqa: E402
 
 SEED0 = 5000
 
@@ -46,9 +46,24 @@ def run_subject(i: int, voxel_mm, tilt_deg: float, deformable: bool) -> dict:
     reg = register_template(mag, mask, study.geometry, deformable=deformable)
     cmbs = [les for les in study.lesions if les.kind == "cmb" and les.mars_region]
     res = localize_points(np.array([les.centre_lps_mm for les in cmbs]), reg) if cmbs else []
+    # the simulator's true subject -> MNI map: its first draw from default_rng(seed) (checked by scale)
+    xf = SubjectTransform.random(np.random.default_rng(SEED0 + i))
+    xf_ok = abs(xf.scale - study.extra_truth["transform_scale"]) < 1e-9
     rows = []
     for les, (key, side) in zip(cmbs, res):
-        rows.append({"truth": les.mars_region, "pred": key, "truth_side": les.side, "pred_side": side})
+        row = {"truth": les.mars_region, "pred": key, "truth_side": les.side, "pred_side": side}
+        if xf_ok:
+            p = np.asarray(les.centre_lps_mm)
+            row["error_mm"] = round(float(np.linalg.norm(reg.subject_to_mni(p) - xf.to_mni(p))), 2)
+        rows.append(row)
+    # voxelwise: atlas regions resampled onto the subject vs the simulator's truth region volume
+    t2 = time.perf_counter()
+    region_sub, _ = reg.mars_on_subject()
+    t_resample = time.perf_counter() - t2
+    truth_reg = study.extra_truth["mars_region"]
+    lab = (truth_reg > 0) & study.brain_mask
+    voxel_agree = float((region_sub[lab] == truth_reg[lab]).mean())
+    errs = [r["error_mm"] for r in rows if "error_mm" in r]
     return {
         "subject": i, "seed": SEED0 + i, "tilt_deg": tilt_deg, "shape": list(study.geometry.shape),
         "mask_dice_vs_truth": round(dice, 4), "n_cmb": len(rows),
@@ -57,7 +72,11 @@ def run_subject(i: int, voxel_mm, tilt_deg: float, deformable: bool) -> dict:
         "seconds_simulate": round(t_sim, 2), "seconds_mask": round(t_mask, 2),
         "seconds_registration": round(reg.timings_s["total_s"], 2),
         "registration_timings_s": {k: round(v, 2) for k, v in reg.timings_s.items()},
-        "metric": round(reg.metric, 4), "cmbs": rows,
+        "metric": round(reg.metric, 4),
+        "voxel_region_agreement": round(voxel_agree, 4), "seconds_resample_mars": round(t_resample, 2),
+        "cmb_error_mm": ({"mean": round(float(np.mean(errs)), 2), "max": round(float(np.max(errs)), 2)}
+                         if errs else None),
+        "cmbs": rows,
     }
 
 
@@ -73,7 +92,8 @@ def main(argv=None) -> int:
     for i in range(args.subjects):
         s = run_subject(i, args.voxel_mm, args.tilt_deg if i % 2 else 0.0, args.deformable)
         print(f"subject {i}: {s['region_agree']}/{s['n_cmb']} regions, {s['side_agree']}/{s['n_cmb']} sides, "
-              f"registration {s['seconds_registration']} s, mask dice {s['mask_dice_vs_truth']}", flush=True)
+              f"registration {s['seconds_registration']} s, mask dice {s['mask_dice_vs_truth']}, "
+              f"voxel agreement {s['voxel_region_agreement']}, error {s['cmb_error_mm']}", flush=True)
         subjects.append(s)
     per_region: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     confusion: dict[str, int] = defaultdict(int)
@@ -87,6 +107,7 @@ def main(argv=None) -> int:
     agree = sum(s["region_agree"] for s in subjects)
     side = sum(s["side_agree"] for s in subjects)
     reg_s = [s["seconds_registration"] for s in subjects]
+    errs = [r["error_mm"] for s in subjects for r in s["cmbs"] if "error_mm" in r]
     out = {
         "benchmark": "mars_localisation",
         "simulated": True,
@@ -102,6 +123,11 @@ def main(argv=None) -> int:
         "per_region": {k: {"n": v[1], "agree": v[0], "pct": round(100.0 * v[0] / v[1], 1)}
                        for k, v in sorted(per_region.items())},
         "confusions": dict(sorted(confusion.items(), key=lambda kv: -kv[1])),
+        "voxel_region_agreement_mean": round(float(np.mean([s["voxel_region_agreement"] for s in subjects])), 4),
+        "cmb_centre_error_mm": ({"n": len(errs), "mean": round(float(np.mean(errs)), 2),
+                                 "median": round(float(np.median(errs)), 2),
+                                 "p95": round(float(np.percentile(errs, 95)), 2),
+                                 "max": round(float(np.max(errs)), 2)} if errs else None),
         "registration_seconds": {"mean": round(float(np.mean(reg_s)), 2), "max": round(float(np.max(reg_s)), 2)},
         "notes": (
             "Simulated subjects: the simulator deforms the MNI template per subject (random affine + "
@@ -109,6 +135,10 @@ def main(argv=None) -> int:
             "localiser uses, so this measures registration error only. On real data the error also "
             "includes atlas-vs-subject anatomy mismatch (a single MNI atlas, not a subject parcellation). "
             "Brain mask: core.qsm.mask.brain_mask on the first-echo magnitude (not the truth mask). "
+            "cmb_centre_error_mm: distance in MNI between our subject->MNI map and the simulator's true "
+            "map at each true microbleed centre (true map re-drawn from the subject seed, checked by its scale). "
+            "voxel_region_agreement: fraction of labelled truth-brain voxels whose resampled MARS region "
+            "equals the simulator's truth region. "
             "Odd-numbered subjects use an oblique slab tilt. 2 echoes simulated (only echo 1 is used)."
         ),
         "subjects": subjects,
@@ -116,7 +146,7 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"region agreement {out['region_agreement_pct']} % ({agree}/{n}), side {out['side_agreement_pct']} %, "
-          f"registration mean {out['registration_seconds']['mean']} s")
+          f"registration mean {out['registration_seconds']['mean']} s, centre error {out['cmb_centre_error_mm']}")
     return 0
 
 
