@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "description": "QSM accuracy on simulated subjects through vendor DICOM; TKD and STAR-QSM in the same run",
         "command": "python -m bench.qsm " + " ".join(argv or []),
         "voxel_mm": a.voxel_mm, "torch_threads": a.threads, "host": platform.node(),
+        "load_average_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
         "metric_definitions": "core/qsm/metrics.py (QSM-CI nRMSE/HFEN/XSIM); evaluation mask = eroded mask & true brain mask",
         "subjects": subjects, **summary, "wall_s": _r(time.perf_counter() - t0, 1),
     }

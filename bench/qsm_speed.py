@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         results["cuda"] = [_spawn(m, a, "cuda") for m in ("star", "tkd")]
     out = {
         "simulated": True, "host": platform.node(), "cpu_count": os.cpu_count(),
+        "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
+        "note": "the 2 cores are shared with other jobs; a load average above 2 inflates the times",
         "command": "python -m bench.qsm_speed " + " ".join(argv or []),
         "target": "full chain <= 15 s (STAR, 200 x 230 x 110 x 4 echoes, 2 CPU threads)",
         "results": results,
