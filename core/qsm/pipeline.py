@@ -36,12 +36,12 @@ from core.qsm.vsharp import vsharp
 MIN_VOXELS_PER_AXIS = 16
 CROP_MARGIN_MM = 6.0  # margin kept around the brain mask's bounding box after masking
 # V-SHARP gets the brain mask without the dark voxels of its outermost layer: where a magnitude
-# mask's boundary voxels are partial-volumed with bone / dura (first-echo magnitude below
-# EDGE_DARK_FRACTION of the brain's median) they hold strong (-2 ppm) sources whose field
-# V-SHARP's small edge spheres keep as "local". Measured (bench/qsm.py subject b01, simulated
-# 1.5 mm, Siemens 4 echoes): chi nRMSE TKD 167 % -> 133 %, STAR 280 % -> 196 %, local field
-# 159 % -> 126 %. Bright (CSF) edge voxels are kept; trimming the whole outer layer did better on
-# the simulator (TKD 117 %, STAR 167 %) but cut real brain edge on core.qsm.phantom.
+# mask's boundary voxels are partial-volumed with bone / dura (last-echo magnitude, where bone's
+# short T2* makes them darkest, below EDGE_DARK_FRACTION of the brain's median) they hold strong
+# (-2 ppm) sources whose field V-SHARP's small edge spheres keep as "local". The mask itself comes
+# from echo 1 and is bright there. Measured (bench/qsm.py subject b01, simulated 1.5 mm, Siemens
+# 4 echoes): chi nRMSE TKD 167 % -> 119 %, STAR 280 % -> 170 %, local field 159 % -> 112 %.
+# Bright (CSF) edge voxels are kept, so tight masks (core.qsm.phantom) are unaffected.
 EDGE_DARK_FRACTION = 0.75
 
 
@@ -162,7 +162,7 @@ def reconstruct(
     timings["echo_fit"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    vmask = trim_dark_edge(mask_box, mag[0], spacing)
+    vmask = trim_dark_edge(mask_box, mag[-1], spacing)  # last echo: bone partial volume darkest
     local, eroded = vsharp(total, vmask, spacing, device=device)
     timings["vsharp"] = time.perf_counter() - t
 
