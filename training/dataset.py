@@ -28,6 +28,11 @@ CLI::
 
     python -m training.dataset --out DIR --subjects N --seed S [--controls K]
         [--voxel-mm X Y Z] [--echoes E|mixed] [--oblique-max DEG] [--insert-per-subject M]
+        [--n-cmb N] [--threshold T]
+
+The last K subjects are controls; subject ``s`` gets seed ``S * 100003 + s``; ``DIR/summary.json``
+collects per-subject and aggregate stage I figures (sensitivity, false positives and candidates per
+subject, seconds).
 """
 
 from __future__ import annotations
@@ -308,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--echoes", default="4", help="number of echoes or 'mixed'")
     ap.add_argument("--oblique-max", type=float, default=0.0)
     ap.add_argument("--insert-per-subject", type=int, default=0)
+    ap.add_argument("--n-cmb", type=int, default=None, help="microbleeds per subject (default random 0-15)")
     ap.add_argument("--threshold", type=float, default=None, help="override the stage I threshold")
     a = ap.parse_args(argv)
     echoes: int | str = a.echoes if a.echoes == "mixed" else int(a.echoes)
@@ -318,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         res = build_subject(sid, a.seed * 100003 + s, voxel_mm=a.voxel_mm, echoes=echoes,
                             oblique_max_deg=a.oblique_max, control=s >= a.subjects - a.controls,
-                            insert_per_subject=a.insert_per_subject, params=params)
+                            insert_per_subject=a.insert_per_subject, n_cmb=a.n_cmb, params=params)
         write_shard(res, a.out)
         st = res["meta"]["stage1"]
         summary.append({"subject": sid, **{k: st[k] for k in ("cmb_total", "tp", "fn", "fp",
