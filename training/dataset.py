@@ -179,6 +179,22 @@ def _vein_near(vein_mask: np.ndarray | None, voxel: np.ndarray, spacing: np.ndar
     return out
 
 
+def _map_max_near(frst_map: np.ndarray | None, lesion, spacing: np.ndarray) -> float | None:
+    """Largest stage I score within the hit distance of a lesion (why a lesion was missed: below
+    threshold, or no local maximum there)."""
+    if frst_map is None:
+        return None
+    r = hit_distance_mm(lesion.diameter_mm / 2)
+    c = np.asarray(lesion.centre_voxel, dtype=np.float64)
+    h = np.ceil(r / spacing).astype(int)
+    lo = np.maximum(np.floor(c).astype(int) - h, 0)
+    hi = np.minimum(np.ceil(c).astype(int) + h + 1, frst_map.shape)
+    idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
+    near = np.linalg.norm((idx - c) * spacing, axis=-1) <= r
+    sub = frst_map[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    return round(float(sub[near].max()), 4) if near.any() else 0.0
+
+
 def build_subject(
     subject_id: str,
     seed: int,
@@ -228,7 +244,7 @@ def build_subject(
                       study.acquisition.field_strength_t, study.geometry, method=qsm_method)
     timings["qsm_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    cands = detect_candidates(qsm.chi_ppm, qsm.mask, study.geometry, params=params)
+    cands = detect_candidates(qsm.chi_ppm, qsm.mask, study.geometry, params=params, keep_maps=True)
     timings["stage1_s"] = time.perf_counter() - t
     spacing = np.asarray(study.geometry.spacing)
     vein = study.extra_truth.get("vein_mask")
@@ -244,7 +260,10 @@ def build_subject(
     hit = {int(j) for lab, j in zip(labels, index) if lab == "cmb"}
     para = ~cands.diamagnetic
     n_fp = int(sum(1 for lab, p in zip(labels, para) if p and lab != "cmb"))
-    missed = [dict(study.lesions[j].to_json(), index=j) for j in cmb_idx if j not in hit]
+    missed = [dict(study.lesions[j].to_json(), index=j,
+                   frst_max_nearby=_map_max_near(cands.frst_map, study.lesions[j], spacing))
+              for j in cmb_idx if j not in hit]
+    cands.frst_map = cands.frst_map_dia = None
     stats = {
         "cmb_total": len(cmb_idx),
         "tp": len(hit),

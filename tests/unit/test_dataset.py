@@ -101,6 +101,7 @@ def test_shard_shapes_and_labels(shard, tmp_path):
     assert st["tp"] == int((a["labels"] == "cmb").sum()) and st["tp"] + st["fn"] == st["cmb_total"]
     assert st["fp"] == int((~a["diamagnetic"]).sum()) - st["tp"]
     assert len(st["missed"]) == st["fn"]
+    assert all(m["frst_max_nearby"] >= 0.0 and m["kind"] == "cmb" for m in st["missed"])
     # patch centre is the QSM at the candidate voxel: features[peak] >= patch centre value
     peak = a["features"][:, FEATURE_NAMES.index("peak_chi_ppm")]
     para = ~a["diamagnetic"]
