@@ -243,6 +243,10 @@ class Cycle:
     job_state: str
     app_killed: bool = False
     app_kill_job_requeued: bool | None = None
+    app_kill_orphan_stopped: bool | None = None
+    job_attempts: int = 0
+    app_seconds_last_attempt: float | None = None
+    jobs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -279,6 +283,14 @@ def _duplicates(node: Node) -> int:
         by_sop[f.stem] = by_sop.get(f.stem, 0) + 1
     n_rows, n_distinct = node.rows("SELECT COUNT(*), COUNT(DISTINCT sop_instance_uid) FROM instances")[0]
     return sum(n - 1 for n in by_sop.values()) + (n_rows - n_distinct)
+
+
+def _gone(pid: int) -> bool:
+    """True once process ``pid`` has exited (no longer in /proc, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
@@ -330,28 +342,37 @@ def run_cycle(i: int, sources: list[SourceInstance], root: Path, rng: random.Ran
             notes.append(f"re-push rc={rc2} acked={len(again.acked)}/{len(files)} "
                          f"missing={len(lost2)} unqueued={not_queued2} files={n_files}")
 
-        def job_state(states: tuple[str, ...]) -> str | None:
-            rows = node.rows("SELECT state FROM jobs WHERE study_uid = ? ORDER BY id DESC", study)
-            return rows[0][0] if rows and rows[0][0] in states else None
+        final = ("done", "delivered", "failed", "skipped")
 
-        app_killed, requeued = False, None
+        def jobs_finished() -> list[tuple[Any, ...]] | None:
+            rows = node.rows("SELECT id, state, attempts, n_instances, started_at, finished_at "
+                             "FROM jobs WHERE study_uid = ? ORDER BY id", study)
+            return rows if rows and all(r[1] in final for r in rows) else None
+
+        app_killed, requeued, orphan_stopped = False, None, None
         if with_app and kill_app:
             running = _wait(lambda: node.rows(
-                "SELECT id FROM jobs WHERE study_uid = ? AND state = 'running' AND app_pid IS NOT NULL",
-                study), 120, "the app to start")
+                "SELECT id, app_pid FROM jobs WHERE study_uid = ? AND state = 'running' "
+                "AND app_pid IS NOT NULL", study), 120, "the app to start")
             time.sleep(rng.uniform(0.5, 3.0))
             node.kill9()
             app_killed = True
             node.start()
             rec = node.events("node_recovered")[-1]
             requeued = running[0][0] in rec.get("jobs_requeued", [])
+            orphan_stopped = bool(_wait(lambda: _gone(running[0][1]), 30, "the orphaned app to stop"))
         timeout = 3600 if with_app else 120
-        state = _wait(lambda: job_state(("done", "delivered", "failed", "skipped")), timeout,
-                      "the study's job to finish")
+        jobs = _wait(jobs_finished, timeout, "the study's jobs to finish")
+        _, state, attempts, n_inst, started, finished = jobs[-1]
+        app_s = round(finished - started, 2) if started and finished else None
+        if n_inst != len(sources):
+            notes.append(f"the newest job covers {n_inst} of {len(sources)} instances")
         return Cycle(i, round(delay, 3), len(acked), mid_push, len(lost), lost, altered, not_queued,
                      int(recovered.get("partial_writes_removed", 0)),
                      int(recovered.get("instances_registered", 0)), _duplicates(node), complete,
-                     state, app_killed, requeued, round(time.monotonic() - t0, 2), notes)
+                     state, app_killed, requeued, orphan_stopped, int(attempts), app_s,
+                     [{"id": j[0], "state": j[1], "attempts": j[2], "n_instances": j[3]}
+                      for j in jobs], round(time.monotonic() - t0, 2), notes)
     finally:
         node.stop()
 
@@ -405,7 +426,12 @@ def run_cycles(study_dir: Path, cycles: int = 10, seed: int = 0,
         "instances_missing_from_queue": sum(c.instances_missing_from_queue for c in results),
         "duplicates": sum(c.duplicates for c in results),
         "cycles_complete_after_repush": sum(c.complete_after_repush for c in results),
-        "jobs_done": sum(c.job_state in ("done", "delivered") for c in results),
+        "cycles_newest_job_done_with_whole_study": sum(
+            c.job_state in ("done", "delivered") and c.jobs[-1]["n_instances"] == len(sources)
+            for c in results),
+        "jobs_failed": sum(j["state"] == "failed" for c in results for j in c.jobs),
+        "app_kills": sum(c.app_killed for c in results),
+        "app_kills_requeued": sum(bool(c.app_kill_job_requeued) for c in results),
         "seconds_per_cycle_mean": round(sum(c.seconds for c in results) / max(len(results), 1), 2),
         "seconds_per_cycle_max": max((c.seconds for c in results), default=0.0),
         "cycles": [asdict(c) for c in results],
@@ -426,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="soak-study-") as tmp:
         study = args.study or simulate_study(Path(tmp))
         res = run_cycles(study, args.cycles, args.seed, tuple(args.kill_delay), args.with_app)
+    if args.study is None:
+        res["study"]["source"] = "training.simulate --subjects 1 --seed 1 --voxel-mm 3 3 3"
     res["command"] = "python -m bench.reliability " + " ".join(argv if argv is not None else sys.argv[1:])
     res["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -37,3 +37,4 @@ def test_kill9_cycles_lose_no_acknowledged_instance(tmp_path: Path) -> None:
     assert res["instances_acknowledged_before_kill"] > 0
     assert res["cycles_complete_after_repush"] == 3
     assert [c["job_state"] for c in res["cycles"]] == ["done"] * 3
+    assert res["cycles_newest_job_done_with_whole_study"] == 3 and res["jobs_failed"] == 0
