@@ -213,3 +213,13 @@ def test_sha256_mismatch_and_wrong_architecture(tmp_path) -> None:
     (d / "detector.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="unknown stage1 settings"):
         CMBDetector.load(d)
+
+
+def test_no_candidates_gives_an_empty_study(scene, tmp_path) -> None:
+    _, mask, geom = scene
+    noise = np.random.default_rng(3).normal(0.0, 0.02, SHAPE).astype(np.float32) * mask
+    det = CMBDetector.load(_save_models(tmp_path / "m", _random_vnet()))
+    res = det.detect_stages(noise, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
+    assert res.findings.findings == [] and not res.findings.label_map.any()
+    assert res.stages["stage1"] == [] and res.stages["vnet"] == [] and res.stages["resnet"] == []
+    assert res.findings.to_json()["n_microbleeds"] == 0
