@@ -392,6 +392,10 @@ class CMBDetector:
         its weights exist: ResNet on the ConvScreen survivors, kept at ``resnet_threshold``).
         Centres are the candidates' voxel centres in LPS mm.
 
+        ``timings_s``: ``stage1_s`` (with stage I's own split as ``stage1_<step>``), ``conv_s``,
+        ``vnet_s`` (patch extraction, normalisation and forward passes), ``resnet_s`` (when
+        present), ``segment_s`` (segments, measurements, suppression, label map), ``total_s``.
+
         Raises:
             DetectionError: inconsistent shapes, empty mask, constant QSM (from stage I).
         """
