@@ -22,7 +22,7 @@ the only definitions of the networks' input transforms, and training imports the
       "vnet_threshold": 0.5,                    # on sigmoid(V-Net cls logit) [0.5]
       "resnet_threshold": 0.5,                  # on sigmoid(ResNet logit), stages only [0.5]
       "seg_threshold": 0.5,                     # V-Net voxel probability for the segment [0.5]
-      "calcification_peak_ppm": -0.1,           # diamagnetic peak below this -> calcification [-0.1]
+      "calcification_peak_ppm": -0.3,           # diamagnetic peak below this -> calcification [-0.3]
       "batch_size": 16,                         # patches per forward pass [16]
       "stage1": {"threshold": 0.06, ...},       # any core.detect.stage1.Stage1Params field [defaults]
       "networks": {                             # required: convscreen and vnet; resnet optional
@@ -50,8 +50,13 @@ What the paper does not give, and our choices:
   ``max(3 mm, r + 1.5 mm)`` (DESIGN.md section 7; r = radius of the stronger one) of a stronger
   detection of the same kind is dropped; so is one whose segment lies entirely in stronger ones'.
 * **Calcification mimics**: stage I's diamagnetic candidates with peak chi below
-  ``calcification_peak_ppm`` (-0.1 ppm default: well below the QSM noise of 0.04-0.05 ppm measured
-  on our reconstructed simulated subjects, and above the -0.2 ppm and lower of calcifications).
+  ``calcification_peak_ppm``. Default -0.3 ppm, the weakest calcification the simulator makes
+  (-0.3 to -1.2 ppm). Measured on one simulated 1 mm subject (seed 9001, 2 calcifications, QSM
+  by our chain from magnitude/phase, stage I defaults: 76 diamagnetic candidates): peak below
+  -0.1 ppm -> 70 mimics reported, -0.2 -> 49, -0.3 -> 17, -0.4 -> 7, -0.5 -> 3; the two
+  calcifications (-0.38 and -0.79 ppm true) had peaks -0.83 and -0.65 ppm and were found at every
+  one of these thresholds. A classifier would do better; until one is trained this rule stays
+  a conservative filter (mimics are only labelled, never counted as microbleeds).
   No network scores them; their ``probability`` is 1.0, meaning "the rule fired", not a calibrated
   probability. Iron mimics (non-haemorrhagic iron) are **not** detected yet: they are paramagnetic
   and would need a trained classifier; nothing here labels a focus ``iron``.
@@ -84,7 +89,7 @@ NORM_SCALE_PPM = 0.5
 """:func:`normalise_patch` divides chi by this (ppm): microbleeds (0.2-1.5 ppm) map to 0.4-3."""
 NORM_CLIP = 4.0
 """... and clips to +-this (i.e. +-2 ppm), so sinus/bone residues do not dominate a patch."""
-CALCIFICATION_PEAK_PPM = -0.1
+CALCIFICATION_PEAK_PPM = -0.3
 NETWORK_CLASSES = {"convscreen": ConvScreen, "vnet": VNet, "resnet": ResNet3D}
 REQUIRED_NETWORKS = ("convscreen", "vnet")
 
@@ -372,24 +377,27 @@ class CMBDetector:
 
     # ---------------------------------------------------------------- detection
     def detect(self, chi_ppm: np.ndarray, brain_mask: np.ndarray, geometry: Geometry, *,
-               study_instance_uid: str, algorithm_version: str) -> StudyFindings:
+               study_instance_uid: str, algorithm_version: str, with_resnet: bool = False) -> StudyFindings:
         """Findings of one study (see :meth:`detect_stages`). The returned object also carries
-        ``timings_s`` and ``stages`` attributes (not part of its JSON)."""
+        ``timings_s`` and ``stages`` attributes (not part of its JSON). The ResNet comparator does
+        not change the findings, so it runs only on request (``with_resnet``)."""
         res = self.detect_stages(chi_ppm, brain_mask, geometry, study_instance_uid=study_instance_uid,
-                                 algorithm_version=algorithm_version)
+                                 algorithm_version=algorithm_version, with_resnet=with_resnet)
         sf = res.findings
         sf.timings_s = res.timings_s  # type: ignore[attr-defined]
         sf.stages = res.stages  # type: ignore[attr-defined]
         return sf
 
     def detect_stages(self, chi_ppm: np.ndarray, brain_mask: np.ndarray, geometry: Geometry, *,
-                      study_instance_uid: str, algorithm_version: str) -> DetectionResult:
+                      study_instance_uid: str, algorithm_version: str, with_resnet: bool = True
+                      ) -> DetectionResult:
         """Run every stage; return findings, each stage's candidates and seconds per stage.
 
         ``stages``: ``stage1`` (paramagnetic candidates; no probability, their FRST ``score`` is
         given instead, so :mod:`training.evaluate` counts each as a positive), ``conv`` (ConvScreen survivors with
         their ConvScreen probability), ``vnet`` (V-Net kept, V-Net probability), ``resnet`` (when
-        its weights exist: ResNet on the ConvScreen survivors, kept at ``resnet_threshold``).
+        its weights exist and ``with_resnet``: ResNet on the ConvScreen survivors, kept at
+        ``resnet_threshold``).
         Centres are the candidates' voxel centres in LPS mm.
 
         ``timings_s``: ``stage1_s`` (with stage I's own split as ``stage1_<step>``), ``conv_s``,
@@ -441,7 +449,7 @@ class CMBDetector:
         kept = np.flatnonzero(v_p >= cfg.vnet_threshold)
         stages["vnet"] = entries(surv[kept], v_p[kept])
 
-        if "resnet" in self.networks:
+        if with_resnet and "resnet" in self.networks:
             t = time.perf_counter()
             r_logit, _ = self._forward("resnet", patches[:, None])
             r_p = _sigmoid(r_logit)

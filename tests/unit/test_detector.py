@@ -150,6 +150,9 @@ def test_random_networks_end_to_end(scene, tmp_path) -> None:
     assert len(res.stages["stage1"]) == len(res.stages["conv"]) == len(res.stages["vnet"]) == 2
     assert all(k in res.timings_s for k in ("stage1_s", "conv_s", "vnet_s", "resnet_s", "segment_s", "total_s"))
     json.dumps(sf.to_json())  # serialisable
+    plain = det.detect(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
+    assert "resnet" not in plain.stages and "resnet_s" not in plain.timings_s  # type: ignore[attr-defined]
+    assert [f.to_json() for f in plain.findings] == [f.to_json() for f in sf.findings]  # deterministic
     assert json.loads(json.dumps(res.stages_json()))["vnet"][0]["centre_lps_mm"]
 
 
