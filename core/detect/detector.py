@@ -144,7 +144,10 @@ def write_detector_json(model_dir: Path, config: dict) -> Path:
     model_dir = Path(model_dir)
     cfg = json.loads(json.dumps(config))
     for name, net in cfg.get("networks", {}).items():
-        net["sha256"] = file_sha256(model_dir / net["file"])
+        f = model_dir / net["file"]
+        if not f.is_file():
+            raise ConfigError(f"cannot write {CONFIG_NAME}: the {name} weights {f} do not exist")
+        net["sha256"] = file_sha256(f)
     cfg.setdefault("format_version", 1)
     path = model_dir / CONFIG_NAME
     path.write_text(json.dumps(cfg, indent=2) + "\n")
