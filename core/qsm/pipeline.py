@@ -51,12 +51,15 @@ EDGE_DARK_FRACTION = 0.75
 # signal dropout (last-echo magnitude below DROPOUT_FRACTION x its median in the mask: sinuses,
 # skull base, bone partial volume, where the field is wrong and holds strong non-brain sources),
 # without voxels whose echo fit misfits by more than RESIDUAL_MAX_RAD, then eroded by
-# RELIABLE_ERODE_MM; holes (dark lesions, veins enclosed by brain) are filled back. The returned
+# RELIABLE_ERODE_MM; small enclosed holes (dark lesions, veins) are filled back. Filling every
+# enclosed hole brought back enclosed dropout near the sinuses (seed 3101, 2 mm, TKD 95 % -> 140 %). The returned
 # brain mask is not changed. Measured on simulate_subject("d", 3101,
 # 2 mm, 4 echoes), TKD chi nRMSE: whole mask 182 %, dropout removed 110 %, + 2 mm erosion 95 %.
 DROPOUT_FRACTION = 0.5
 RESIDUAL_MAX_RAD = 0.5
 RELIABLE_ERODE_MM = 2.0
+INPAINT_LESION_HOLES = True
+LESION_HOLE_MAX_MM = 12.0  # enclosed holes up to this sphere diameter are filled back (microbleeds)
 
 
 @dataclass
@@ -113,14 +116,54 @@ def trim_dark_edge(mask: np.ndarray, magnitude: np.ndarray, spacing: Sequence[fl
     return mask & ~(dark & ~interior)
 
 
+def inpaint_harmonic(values: np.ndarray, holes: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """``values`` with the voxels of ``holes`` replaced by a harmonic (Laplace) interpolation from
+    their surroundings: Jacobi iterations of the 6-neighbour mean, holes started at their rim's mean."""
+    out = np.asarray(values, dtype=np.float32).copy()
+    holes = np.asarray(holes, dtype=bool)
+    if not holes.any():
+        return out
+    idx = np.argwhere(holes)
+    lo = np.maximum(idx.min(0) - 1, 0)
+    hi = np.minimum(idx.max(0) + 2, holes.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    v, h = out[box], holes[box]
+    rim = ndi.binary_dilation(h) & ~h
+    v[h] = float(v[rim].mean()) if rim.any() else 0.0
+    for _ in range(iterations):
+        p = np.pad(v, 1, mode="edge")
+        nb = (p[2:, 1:-1, 1:-1] + p[:-2, 1:-1, 1:-1] + p[1:-1, 2:, 1:-1] + p[1:-1, :-2, 1:-1]
+              + p[1:-1, 1:-1, 2:] + p[1:-1, 1:-1, :-2]) / 6.0
+        v[h] = nb[h]
+    out[box] = v
+    return out
+
+
+def lesion_holes(mask: np.ndarray, last_magnitude: np.ndarray, spacing: Sequence[float],
+                 residual_rad: np.ndarray | None = None) -> np.ndarray:
+    """Small regions enclosed by brain whose phase is unreliable (dark on the last echo or misfit):
+    microbleeds, veins. They stay in the mask; their field is inpainted (see reconstruct)."""
+    bad = last_magnitude < DROPOUT_FRACTION * float(np.median(last_magnitude[mask]))
+    if residual_rad is not None:
+        bad |= residual_rad > RESIDUAL_MAX_RAD
+    keep = mask & ~bad
+    holes = ndi.binary_fill_holes(keep) & mask & ~keep
+    if not holes.any():
+        return holes
+    lab, n = ndi.label(holes)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1) * float(np.prod(spacing))
+    small = sizes <= np.pi / 6.0 * LESION_HOLE_MAX_MM**3
+    small[0] = False
+    return small[lab]
+
+
 def reliable_mask(mask: np.ndarray, last_magnitude: np.ndarray, spacing: Sequence[float],
                   residual_rad: np.ndarray | None = None) -> np.ndarray:
     """The part of ``mask`` whose phase background removal should trust (see DROPOUT_FRACTION)."""
     keep = mask & (last_magnitude >= DROPOUT_FRACTION * float(np.median(last_magnitude[mask])))
     if residual_rad is not None:
         keep &= residual_rad <= RESIDUAL_MAX_RAD
-    # dark or misfitting regions enclosed by brain are lesions / veins (high R2*), not dropout: keep
-    keep = ndi.binary_fill_holes(keep) & mask
+    keep |= lesion_holes(mask, last_magnitude, spacing, residual_rad)
     if RELIABLE_ERODE_MM > 0:
         keep = erode_mask(keep, RELIABLE_ERODE_MM, spacing, border_inside=True)
     return keep if keep.sum() >= 27 else mask
@@ -205,6 +248,9 @@ def reconstruct(
     t = time.perf_counter()
     if unwrap_method == "temporal":
         vmask = reliable_mask(mask_box, mag[-1], spacing, residual)
+        holes = lesion_holes(mask_box, mag[-1], spacing, residual) & vmask
+        if INPAINT_LESION_HOLES and holes.any():
+            total = inpaint_harmonic(total, holes)
     else:
         vmask = trim_dark_edge(mask_box, mag[-1], spacing)  # last echo: bone partial volume darkest
     local, eroded = vsharp(np.where(vmask, total, 0.0), vmask, spacing, device=device)

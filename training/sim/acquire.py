@@ -47,9 +47,11 @@ def compute_field_ppm(
     The susceptibility is converted to be relative to air (``chi - 9.4`` inside the head, 0 in air)
     so the zero padding of the FFT acts as air around the head.
 
-    ``local_mask`` (the intracranial space): its sources (relative to water) are convolved with the
-    plain dipole kernel; everything else (the head relative to air, including the -9.4 ppm constant
-    inside ``local_mask``) with the kernel times a Hann window (zero at Nyquist), see ``_field_split``.
+    ``local_mask`` (the intracranial space), used only when B0 is oblique to the array axes: its
+    sources (relative to water) are convolved with the plain dipole kernel; everything else (the head
+    relative to air, including the -9.4 ppm constant inside ``local_mask``) with the kernel times a
+    Hann window (zero at Nyquist), see ``_field_split``. With B0 along an array axis the field is the
+    plain convolution (bit-identical to before).
     """
     chi = np.asarray(chi_rel_water_ppm, dtype=np.float32) - np.float32(CHI_AIR_PPM)
     if air_mask is not None:
@@ -57,7 +59,9 @@ def compute_field_ppm(
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        if local_mask is None:
+        b = np.abs(np.asarray(geometry.b0_direction_ijk(), dtype=np.float64))
+        oblique = int(np.sum(b > 1e-6)) > 1  # only then does D(k) have cross terms (see _field_split)
+        if local_mask is None or not oblique:
             field = physics.forward_field_ppm(
                 chi, geometry.spacing, geometry.b0_direction_ijk(), pad_factor=pad_factor
             )
