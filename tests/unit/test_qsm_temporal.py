@@ -113,3 +113,15 @@ def test_reliable_mask_keeps_dark_lesions_enclosed_by_brain():
     residual = np.where(bleed, 2.0, 0.0).astype(np.float32)
     rel = P.reliable_mask(mask, last, SPACING, residual)
     assert np.all(rel[bleed])
+
+
+def test_inpaint_harmonic_recovers_a_harmonic_field_in_a_hole():
+    idx = np.indices(SHAPE).astype(np.float32)
+    field = 0.01 * idx[0] - 0.02 * idx[2] + 0.003 * (idx[0] ** 2 - idx[1] ** 2)  # harmonic
+    c = [(n - 1) / 2 for n in SHAPE]
+    hole = sum((idx[a] - c[a]) ** 2 for a in range(3)) < 4.0**2
+    damaged = field.copy()
+    damaged[hole] = 5.0  # garbage where a microbleed's phase is noise
+    got = P.inpaint_harmonic(damaged, hole)
+    assert np.all(got[~hole] == damaged[~hole])
+    assert np.abs(got[hole] - field[hole]).max() < 2e-3 * np.ptp(field[hole]) + 1e-4
