@@ -86,6 +86,11 @@ def evaluate(study, res, true_local: np.ndarray | None = None) -> dict:
         sph = M.sphere_mask(truth.shape, les.centre_voxel, les.diameter_mm / 2, sp) & bm
         if not sph.any():
             continue
+        if not (sph & ev).any():  # outside the evaluation mask: reported, not scored
+            (cmbs if les.kind == "cmb" else calcs).append(
+                {"diameter_mm": _r(les.diameter_mm, 2), "chi_ppm": _r(les.chi_ppm, 3), "outside_eroded_mask": True})
+            continue
+        sph = sph & ev
         if les.kind == "cmb" and les.diameter_mm >= MIN_CMB_DIAMETER_MM:
             cmbs.append({"diameter_mm": _r(les.diameter_mm, 2), "chi_ppm": _r(les.chi_ppm, 3),
                          "recovery": _r(M.contrast_recovery(r0, t0, sph))})
@@ -99,10 +104,12 @@ def evaluate(study, res, true_local: np.ndarray | None = None) -> dict:
                 item["streaking"] = None
             calcs.append(item)
     out["cmbs"] = cmbs
-    out["cmb_recovery_mean"] = _r(np.mean([c["recovery"] for c in cmbs])) if cmbs else None
+    scored = [c["recovery"] for c in cmbs if "recovery" in c]
+    out["cmb_recovery_mean"] = _r(np.mean(scored)) if scored else None
     out["calcifications"] = calcs
-    out["calcifications_all_negative"] = all(c["recon_mean_ppm"] < 0 for c in calcs)
-    st = [c["streaking"] for c in calcs if c["streaking"] is not None]
+    out["calcifications_all_negative"] = all(c["recon_mean_ppm"] < 0 for c in calcs if "recon_mean_ppm" in c)
+    out["lesions_outside_eroded_mask"] = sum(1 for c in cmbs + calcs if c.get("outside_eroded_mask"))
+    st = [c["streaking"] for c in calcs if c.get("streaking") is not None]
     out["calc_streaking_mean"] = _r(np.mean(st)) if st else None
     return out
 

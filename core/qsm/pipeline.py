@@ -3,8 +3,10 @@ V-SHARP -> STAR-QSM (or TKD), as one function on numpy arrays.
 
     magnitude, phase [e, i, j, k]  --mask.brain_mask-->  mask
     phase --echo_fit.remove_phase_offset (>= 2 echoes)--> echo-1-referenced phase differences
-          --unwrap.laplacian_unwrap--> unwrapped phase --echo_fit.fit_field_ppm--> total field (ppm)
-    total field --vsharp.vsharp--> local field (ppm), eroded mask
+          --unwrap.path_unwrap (first difference) + echo_fit.temporal_unwrap (later ones)-->
+          unwrapped phase, frequency (weighted LS fit), fit residual --> total field (ppm)
+    total field --vsharp.vsharp on reliable_mask--> local field (ppm), eroded mask
+    (unwrap_method="wrapped_diff"/"sincos": the former Laplacian unwrapping of every echo)
     local field --star.star_qsm | tkd.tkd--> chi (ppm)
 
 Reference: ``chi`` is returned with its mean over the eroded mask set to 0 (the dipole inversion
@@ -22,15 +24,17 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from core.errors import ReconstructionError
 from core.geometry import Geometry
 from core.qsm._fft import mask_bbox, pad_voxels_for
-from core.qsm.echo_fit import fit_field_ppm, remove_phase_offset
+from core.physics import phase_to_field_ppm
+from core.qsm.echo_fit import fit_field_ppm, fit_residual_rad, remove_phase_offset, temporal_unwrap
 from core.qsm.mask import brain_mask, erode_mask
 from core.qsm.star import star_qsm
 from core.qsm.tkd import tkd
-from core.qsm.unwrap import laplacian_unwrap
+from core.qsm.unwrap import laplacian_unwrap, path_unwrap
 from core.qsm.vsharp import vsharp
 
 MIN_VOXELS_PER_AXIS = 16
@@ -43,6 +47,19 @@ CROP_MARGIN_MM = 6.0  # margin kept around the brain mask's bounding box after m
 # 4 echoes): chi nRMSE TKD 167 % -> 119 %, STAR 280 % -> 170 %, local field 159 % -> 112 %.
 # Bright (CSF) edge voxels are kept, so tight masks (core.qsm.phantom) are unaffected.
 EDGE_DARK_FRACTION = 0.75
+# Reliable-phase mask for background removal (unwrap_method="temporal"): the brain mask without
+# signal dropout (last-echo magnitude below DROPOUT_FRACTION x its median in the mask: sinuses,
+# skull base, bone partial volume, where the field is wrong and holds strong non-brain sources),
+# without voxels whose echo fit misfits by more than RESIDUAL_MAX_RAD, then eroded by
+# RELIABLE_ERODE_MM; small enclosed holes (dark lesions, veins) are filled back. Filling every
+# enclosed hole brought back enclosed dropout near the sinuses (seed 3101, 2 mm, TKD 95 % -> 140 %). The returned
+# brain mask is not changed. Measured on simulate_subject("d", 3101,
+# 2 mm, 4 echoes), TKD chi nRMSE: whole mask 182 %, dropout removed 110 %, + 2 mm erosion 95 %.
+DROPOUT_FRACTION = 0.5
+RESIDUAL_MAX_RAD = 0.5
+RELIABLE_ERODE_MM = 2.0
+INPAINT_LESION_HOLES = True
+LESION_HOLE_MAX_MM = 12.0  # enclosed holes up to this sphere diameter are filled back (microbleeds)
 
 
 @dataclass
@@ -99,6 +116,59 @@ def trim_dark_edge(mask: np.ndarray, magnitude: np.ndarray, spacing: Sequence[fl
     return mask & ~(dark & ~interior)
 
 
+def inpaint_harmonic(values: np.ndarray, holes: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """``values`` with the voxels of ``holes`` replaced by a harmonic (Laplace) interpolation from
+    their surroundings: Jacobi iterations of the 6-neighbour mean, holes started at their rim's mean."""
+    out = np.asarray(values, dtype=np.float32).copy()
+    holes = np.asarray(holes, dtype=bool)
+    if not holes.any():
+        return out
+    idx = np.argwhere(holes)
+    lo = np.maximum(idx.min(0) - 1, 0)
+    hi = np.minimum(idx.max(0) + 2, holes.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    v, h = out[box], holes[box]
+    rim = ndi.binary_dilation(h) & ~h
+    v[h] = float(v[rim].mean()) if rim.any() else 0.0
+    for _ in range(iterations):
+        p = np.pad(v, 1, mode="edge")
+        nb = (p[2:, 1:-1, 1:-1] + p[:-2, 1:-1, 1:-1] + p[1:-1, 2:, 1:-1] + p[1:-1, :-2, 1:-1]
+              + p[1:-1, 1:-1, 2:] + p[1:-1, 1:-1, :-2]) / 6.0
+        v[h] = nb[h]
+    out[box] = v
+    return out
+
+
+def lesion_holes(mask: np.ndarray, last_magnitude: np.ndarray, spacing: Sequence[float],
+                 residual_rad: np.ndarray | None = None) -> np.ndarray:
+    """Small regions enclosed by brain whose phase is unreliable (dark on the last echo or misfit):
+    microbleeds, veins. They stay in the mask; their field is inpainted (see reconstruct)."""
+    bad = last_magnitude < DROPOUT_FRACTION * float(np.median(last_magnitude[mask]))
+    if residual_rad is not None:
+        bad |= residual_rad > RESIDUAL_MAX_RAD
+    keep = mask & ~bad
+    holes = ndi.binary_fill_holes(keep) & mask & ~keep
+    if not holes.any():
+        return holes
+    lab, n = ndi.label(holes)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1) * float(np.prod(spacing))
+    small = sizes <= np.pi / 6.0 * LESION_HOLE_MAX_MM**3
+    small[0] = False
+    return small[lab]
+
+
+def reliable_mask(mask: np.ndarray, last_magnitude: np.ndarray, spacing: Sequence[float],
+                  residual_rad: np.ndarray | None = None) -> np.ndarray:
+    """The part of ``mask`` whose phase background removal should trust (see DROPOUT_FRACTION)."""
+    keep = mask & (last_magnitude >= DROPOUT_FRACTION * float(np.median(last_magnitude[mask])))
+    if residual_rad is not None:
+        keep &= residual_rad <= RESIDUAL_MAX_RAD
+    keep |= lesion_holes(mask, last_magnitude, spacing, residual_rad)
+    if RELIABLE_ERODE_MM > 0:
+        keep = erode_mask(keep, RELIABLE_ERODE_MM, spacing, border_inside=True)
+    return keep if keep.sum() >= 27 else mask
+
+
 def reconstruct(
     magnitude: np.ndarray,
     phase_rad: np.ndarray,
@@ -109,16 +179,22 @@ def reconstruct(
     method: str = "star",
     mask: np.ndarray | None = None,
     device=None,
-    unwrap_method: str = "wrapped_diff",
+    unwrap_method: str = "temporal",
     remove_offset: bool = True,
 ) -> QSMResult:
     """Run the whole chain. ``magnitude``/``phase_rad`` are ``[e, i, j, k]`` (3-D means one echo).
 
     ``remove_offset``: reference later echoes to echo 1 (needs >= 2 echoes; see core.qsm.echo_fit).
+    ``unwrap_method``: ``"temporal"`` (default): path-following spatial unwrapping of the first
+    (shortest) echo difference inside the mask, temporal unwrapping of the later ones
+    (core.qsm.echo_fit.temporal_unwrap), background removal on ``reliable_mask``; ``"wrapped_diff"``
+    or ``"sincos"``: Laplacian unwrapping of every echo (the former chain).
 
     Raises:
         ReconstructionError: unusable input (shapes, echo count, NaN or constant phase, too small).
     """
+    if unwrap_method not in ("temporal", "wrapped_diff", "sincos"):
+        raise ValueError(f"unwrap_method must be temporal, wrapped_diff or sincos, got {unwrap_method!r}")
     if method not in ("star", "tkd"):
         raise ValueError(f"method must be 'star' or 'tkd', got {method!r}")
     mag = np.asarray(magnitude, dtype=np.float32)
@@ -153,17 +229,31 @@ def reconstruct(
         psi, weights, dte = remove_phase_offset(ph, mag, te)
     else:
         psi, weights, dte = ph, mag, te
-    unwrapped = laplacian_unwrap(psi, spacing, method=unwrap_method, device=device)
-    timings["unwrap"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    total = fit_field_ppm(unwrapped, weights, dte, float(field_strength_t), mask_box)
+    residual = None
+    if unwrap_method == "temporal":
+        first = path_unwrap(psi[0], mask_box)
+        unwrapped, omega = temporal_unwrap(psi, first, weights, dte, mask_box)
+        timings["unwrap"] = time.perf_counter() - t
+        t = time.perf_counter()
+        residual = fit_residual_rad(unwrapped, weights, dte, omega)
+        total = np.asarray(phase_to_field_ppm(omega, 1.0, float(field_strength_t)), dtype=np.float32)
+    else:
+        unwrapped = laplacian_unwrap(psi, spacing, method=unwrap_method, device=device)
+        timings["unwrap"] = time.perf_counter() - t
+        t = time.perf_counter()
+        total = fit_field_ppm(unwrapped, weights, dte, float(field_strength_t), mask_box)
     total = np.where(mask_box, total, 0.0).astype(np.float32)
     timings["echo_fit"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    vmask = trim_dark_edge(mask_box, mag[-1], spacing)  # last echo: bone partial volume darkest
-    local, eroded = vsharp(total, vmask, spacing, device=device)
+    if unwrap_method == "temporal":
+        vmask = reliable_mask(mask_box, mag[-1], spacing, residual)
+        holes = lesion_holes(mask_box, mag[-1], spacing, residual) & vmask
+        if INPAINT_LESION_HOLES and holes.any():
+            total = inpaint_harmonic(total, holes)
+    else:
+        vmask = trim_dark_edge(mask_box, mag[-1], spacing)  # last echo: bone partial volume darkest
+    local, eroded = vsharp(np.where(vmask, total, 0.0), vmask, spacing, device=device)
     timings["vsharp"] = time.perf_counter() - t
 
     t = time.perf_counter()

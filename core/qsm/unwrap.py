@@ -100,3 +100,24 @@ def laplacian_unwrap(
         out[e] = torch.fft.irfftn(spec, s=pshape)[sl]
     out = out.cpu().numpy()
     return out[0] if squeeze else out
+
+
+def path_unwrap(phase_rad: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Quality-guided path-following unwrapping of one 3-D wrapped phase inside ``mask`` (radians).
+
+    Reliability-sorting algorithm of Herraez et al., Appl. Opt. 2002;41:7437 (3-D: Abdul-Rahman et
+    al., Appl. Opt. 2007;46:6623) as implemented by ``skimage.restoration.unwrap_phase``: voxels are
+    joined in order of the smoothness of their wrapped second differences, so noisy and
+    fast-varying regions are unwrapped last and their errors stay local (unlike the Laplacian
+    method, whose errors spread smoothly). The result is congruent with the input
+    (``result - phase`` is a multiple of 2 pi in every voxel) and 0 outside ``mask``; each connected
+    component of ``mask`` has its own arbitrary multiple of 2 pi. The reliability ignores voxel size.
+    """
+    from skimage.restoration import unwrap_phase
+
+    ph = np.asarray(phase_rad, dtype=np.float64)
+    m = np.asarray(mask, dtype=bool)
+    if ph.ndim != 3 or m.shape != ph.shape:
+        raise ValueError(f"path_unwrap needs a 3-D phase and a mask of the same shape, got {ph.shape}, {m.shape}")
+    out = unwrap_phase(np.ma.array(ph, mask=~m))
+    return np.asarray(np.ma.filled(out, 0.0), dtype=np.float32)

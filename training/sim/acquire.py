@@ -40,11 +40,18 @@ def compute_field_ppm(
     air_mask: np.ndarray | None = None,
     pad_factor: float = 1.5,
     threads: int = 2,
+    local_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Total field (ppm) of a head whose susceptibility is given relative to water.
 
     The susceptibility is converted to be relative to air (``chi - 9.4`` inside the head, 0 in air)
     so the zero padding of the FFT acts as air around the head.
+
+    ``local_mask`` (the intracranial space), used only when B0 is oblique to the array axes: its
+    sources (relative to water) are convolved with the plain dipole kernel; everything else (the head
+    relative to air, including the -9.4 ppm constant inside ``local_mask``) with the kernel times a
+    Hann window (zero at Nyquist), see ``_field_split``. With B0 along an array axis the field is the
+    plain convolution (bit-identical to before).
     """
     chi = np.asarray(chi_rel_water_ppm, dtype=np.float32) - np.float32(CHI_AIR_PPM)
     if air_mask is not None:
@@ -52,12 +59,53 @@ def compute_field_ppm(
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        field = physics.forward_field_ppm(
-            chi, geometry.spacing, geometry.b0_direction_ijk(), pad_factor=pad_factor
-        )
+        b = np.abs(np.asarray(geometry.b0_direction_ijk(), dtype=np.float64))
+        oblique = int(np.sum(b > 1e-6)) > 1  # only then does D(k) have cross terms (see _field_split)
+        if local_mask is None or not oblique:
+            field = physics.forward_field_ppm(
+                chi, geometry.spacing, geometry.b0_direction_ijk(), pad_factor=pad_factor
+            )
+        else:
+            field = _field_split(chi, np.asarray(chi_rel_water_ppm, dtype=np.float32),
+                                 np.asarray(local_mask, dtype=bool), geometry, pad_factor)
     finally:
         torch.set_num_threads(prev)
     return field
+
+
+def _field_split(
+    chi_rel_air: np.ndarray, chi_rel_water: np.ndarray, local_mask: np.ndarray, geometry: Geometry,
+    pad_factor: float,
+) -> np.ndarray:
+    """Field of the local sources (plain kernel) plus the background sources (Hann-windowed kernel).
+
+    Why: with an oblique B0 the sampled kernel ``D = 1/3 - (k.b)^2/|k|^2`` has a cross term
+    ``2 k_j k_k b_j b_k`` that changes sign across the Nyquist boundary of the periodic spectrum, so
+    ``D`` is discontinuous there and rings at the Nyquist frequency in space. For the head's
+    air/tissue and bone steps (9-11 ppm) that ringing reached far into the brain: measured on
+    simulate_subject("d", 3101, 2 mm, 15 degree tilt), the field of the (physically harmonic inside
+    the brain) background sources left 0.020 ppm RMS after V-SHARP inside the true brain mask, twice
+    the local field's RMS, against 0.003 ppm axially. A separable Hann window
+    ``prod_i cos^2(pi k_i dx_i)`` (a [1/4, 1/2, 1/4] smoothing of the background sources, zero and
+    flat at Nyquist) removes it; background sources lie outside the brain, so the window changes
+    their smooth field inside it very little. The local sources keep the plain kernel, so the true
+    local field is exactly ``core.physics.forward_field_ppm`` of the truth susceptibility.
+    """
+    shape = chi_rel_air.shape
+    pshape = physics.padded_shape(shape, pad_factor)
+    sp = geometry.spacing
+    kernel = physics.dipole_kernel(pshape, sp, geometry.b0_direction_ijk(), half=True)
+    local = np.where(local_mask, chi_rel_water, np.float32(0.0)).astype(np.float32)
+    background = (chi_rel_air - local).astype(np.float32)
+    k = physics.kspace_grid(pshape, sp, half=True)
+    window = 1.0
+    for ki, dx in zip(k, sp):
+        window = window * torch.cos(np.pi * ki * float(dx)) ** 2
+    spec = torch.fft.rfftn(torch.as_tensor(background), s=pshape) * window.to(torch.float32)
+    spec += torch.fft.rfftn(torch.as_tensor(local), s=pshape)
+    spec *= kernel
+    field = torch.fft.irfftn(spec, s=pshape)[: shape[0], : shape[1], : shape[2]]
+    return field.contiguous().numpy()
 
 
 def upsample_linear(coarse: np.ndarray, shape: Sequence[int], step: float) -> np.ndarray:
