@@ -1,0 +1,471 @@
+"""Stage II training (issue 4): the ConvScreen, the V-Net and the ResNet comparator on candidate shards.
+
+Reference: Xia et al. 2023 (JMRI), sections "V-Net and ResNet Models" and "Data Augmentation Using
+CycleGAN"; architectures in ``core.detect.vnet``, ``core.detect.resnet``, ``core.detect.candidates``.
+
+Input: shard folders written by ``python -m training.dataset`` (``<subject>.npz`` + ``.json``).
+Output (``--out``): ``convscreen.pt``, ``vnet.pt``, ``resnet.pt`` (float32 state_dicts),
+``detector.json`` (thresholds and the exact pre-processing inference must repeat) and
+``training_log.json`` (loss and AUC per epoch, timings).
+
+Decisions (documented in ``models/MODEL_CARD.md`` too):
+
+* **Which candidates.** Only paramagnetic candidates are used: diamagnetic ones are never CMBs
+  (the product reports them as calcification mimics), so they never reach stage II.
+* **Labels.** Positive = ``cmb`` and ``cmb_duplicate``. A duplicate is by construction a
+  paramagnetic candidate whose centre lies within the hit distance (DESIGN.md section 7:
+  ``max(3 mm, r + 1.5 mm)``) of a microbleed that another candidate already matched; its patch
+  holds that bleed within a few voxels of the centre and its mask is filled, so calling it negative
+  would teach the V-Net to ignore a real bleed. One-to-one counting of detections is the job of the
+  evaluation (and of non-maximum merging at inference), not of the classifier. Everything else
+  (``other``, ``vessel``, paramagnetic ``calcification``) is negative.
+* **Normalisation** (:func:`normalise_patches`, identical at inference): chi in ppm, clipped to
+  +-``CLIP_PPM`` (3 ppm) and divided by ``SCALE_PPM`` (1 ppm); no per-patch standardisation,
+  because the absolute susceptibility of a bleed is what separates it from weak mimics.
+  ConvScreen input (:func:`conv_inputs`): the 7x7x7 FRST cube binarised at 0.5 of its own
+  maximum (``core.detect.candidates.cube_shapes``, the paper's reading), or with
+  ``--conv-input frst`` the raw cube clipped to [0, 4].
+* **Class balance.** Each epoch takes every positive and a fresh random draw of
+  ``--neg-ratio`` x as many negatives (all negatives are seen over the epochs); the classification
+  cross-entropy weights positives by the sampled negative/positive ratio, the segmentation
+  cross-entropy weights lesion voxels by the background/lesion voxel ratio of the training
+  positives, capped at ``SEG_WEIGHT_CAP`` (an uncapped ratio of ~1000 makes every voxel positive;
+  Dice already handles the imbalance). This is the paper's weighted CE + weighted CE + Dice loss
+  (``core.detect.vnet.vnet_loss``).
+* **Optimiser.** Adam. The paper uses lr 1e-4 for 150 epochs of batch 100 on a GPU (13 h); on a
+  2-core CPU one V-Net step on 16 patches takes ~6 s, so we default to lr 1e-3 and tens of epochs
+  with early stopping on validation AUC (best epoch's weights are kept).
+* **Thresholds.** ConvScreen: the highest threshold that keeps >= 99 % of the training positives.
+  V-Net and ResNet: probability threshold maximising Youden's J on the validation set (also stored:
+  the threshold for >= 95 % validation sensitivity).
+
+CLI::
+
+    python -m training.train --data DIR [DIR ...] --val DIR [DIR ...] --out models/
+        [--model vnet|resnet|convscreen|all] [--epochs N] [--batch B] [--seed S] [--threads 2]
+        [--lr 1e-3] [--neg-ratio 3] [--patience 5] [--val-max-neg 400] [--conv-input shape|frst]
+        [--cyclegan CKPT --synthetic N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.detect.candidates import ConvScreen, cube_shapes
+from core.detect.resnet import ResNet3D
+from core.detect.vnet import PATCH_SIZE, VNet, count_parameters, vnet_loss
+from training.augment import PatchAugmenter
+
+CLIP_PPM = 3.0
+SCALE_PPM = 1.0
+SEG_WEIGHT_CAP = 20.0
+POSITIVE_LABELS = ("cmb", "cmb_duplicate")
+CONV_SENSITIVITY = 0.99
+
+
+class TrainingError(RuntimeError):
+    """Training cannot proceed (no shards, no positives, ...)."""
+
+
+# --------------------------------------------------------------------------- data
+
+def load_shards(dirs: Sequence[str], paramagnetic_only: bool = True) -> dict:
+    """Concatenate the shards of ``dirs``; keep paramagnetic candidates only (default).
+
+    Returns a dict with ``patches`` float16 [N, 32, 32, 32], ``masks`` uint8, ``cubes`` float16
+    [N, 7, 7, 7], ``labels`` (str), ``y`` float32 (1 = CMB or duplicate), ``subject`` (str) and
+    ``meta`` (per-subject seed / voxel size / counts from the shard json).
+    """
+    files = sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.npz")))
+    if not files:
+        raise TrainingError(f"no shards (*.npz) in {list(dirs)}")
+    parts: dict[str, list] = {k: [] for k in ("patches", "masks", "cubes", "labels", "subject")}
+    meta = []
+    for f in files:
+        z = np.load(f)
+        keep = ~z["diamagnetic"].astype(bool) if paramagnetic_only else np.ones(len(z["labels"]), bool)
+        if z["patches"].shape[1:] != (PATCH_SIZE,) * 3:
+            raise TrainingError(f"{f}: patches {z['patches'].shape[1:]} are not {PATCH_SIZE}^3")
+        for k in ("patches", "masks", "cubes", "labels"):
+            parts[k].append(z[k][keep])
+        sid = os.path.splitext(os.path.basename(f))[0]
+        parts["subject"].append(np.array([sid] * int(keep.sum())))
+        js = os.path.splitext(f)[0] + ".json"
+        m = json.load(open(js)) if os.path.exists(js) else {}
+        meta.append({"subject": sid, "folder": os.path.dirname(os.path.abspath(f)), "seed": m.get("seed"),
+                     "voxel_mm": m.get("voxel_mm"), "control": m.get("control"),
+                     "candidates_used": int(keep.sum()),
+                     "positives": int(np.isin(z["labels"][keep], POSITIVE_LABELS).sum())})
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["y"] = np.isin(out["labels"], POSITIVE_LABELS).astype(np.float32)
+    out["meta"] = meta
+    return out
+
+
+def normalise_patches(patches: np.ndarray) -> np.ndarray:
+    """The stage II input normalisation (inference must use the same): clip chi to +-CLIP_PPM ppm,
+    divide by SCALE_PPM. Returns float32 of the same shape."""
+    return np.clip(np.asarray(patches, np.float32), -CLIP_PPM, CLIP_PPM) / SCALE_PPM
+
+
+def conv_inputs(cubes: np.ndarray, mode: str = "shape") -> np.ndarray:
+    """ConvScreen input from FRST cubes [N, 7, 7, 7]: ``shape`` (cube_shapes at 0.5) or ``frst``
+    (raw cube clipped to [0, 4]). Returns float32 [N, 1, 7, 7, 7]."""
+    c = np.asarray(cubes, np.float32)
+    if mode == "shape":
+        x = cube_shapes(c, 0.5)
+    elif mode == "frst":
+        x = np.clip(c, 0.0, 4.0)
+    else:
+        raise TrainingError(f"unknown ConvScreen input mode {mode!r}")
+    return x[:, None]
+
+
+# --------------------------------------------------------------------------- metrics
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); nan without both classes."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y) > 0.5
+    s = np.asarray(score, np.float64)
+    npos, nneg = int(y.sum()), int((~y).sum())
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def threshold_for_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: float) -> float:
+    """Highest threshold t such that the fraction of positives with score >= t is >= ``sensitivity``."""
+    pos = np.sort(np.asarray(score, np.float64)[np.asarray(y) > 0.5])
+    if len(pos) == 0:
+        raise TrainingError("no positives to choose a threshold on")
+    k = int(np.floor((1.0 - sensitivity) * len(pos) + 1e-9))
+    return float(pos[min(k, len(pos) - 1)])
+
+
+def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """Threshold maximising sensitivity + specificity - 1 (among the observed scores)."""
+    s = np.asarray(score, np.float64)
+    best, best_t = -2.0, 0.5
+    for t in np.unique(s):
+        m = sens_spec(y, s, t)
+        j = m["sensitivity"] + m["specificity"] - 1.0
+        if j > best:
+            best, best_t = j, float(t)
+    return best_t
+
+
+def sens_spec(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity and counts of the rule ``score >= threshold``."""
+    y = np.asarray(y) > 0.5
+    p = np.asarray(score) >= threshold
+    tp, fn = int((p & y).sum()), int((~p & y).sum())
+    tn, fp = int((~p & ~y).sum()), int((p & ~y).sum())
+    return {"threshold": float(threshold), "sensitivity": tp / max(tp + fn, 1),
+            "specificity": tn / max(tn + fp, 1), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+
+
+# --------------------------------------------------------------------------- ConvScreen
+
+def train_convscreen(train: dict, val: dict, *, seed: int = 0, epochs: int = 400, lr: float = 0.02,
+                     mode: str = "shape") -> tuple[ConvScreen, dict]:
+    """Full-batch Adam on the (small) cube set with positive-weighted BCE; keeps the epoch with
+    the best validation AUC. Threshold: keeps >= 99 % of the training positives."""
+    torch.manual_seed(seed)
+    xt = torch.from_numpy(conv_inputs(train["cubes"], mode))
+    yt = torch.from_numpy(train["y"])
+    xv = torch.from_numpy(conv_inputs(val["cubes"], mode))
+    npos = float(yt.sum())
+    if npos == 0:
+        raise TrainingError("no positive (CMB) candidates in the training shards")
+    pw = torch.tensor((len(yt) - npos) / npos)
+    model = ConvScreen()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    log, best = [], (-1.0, None, 0)
+    t0 = time.perf_counter()
+    for ep in range(epochs):
+        model.train()
+        loss = F.binary_cross_entropy_with_logits(model(xt), yt, pos_weight=pw)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ep % 10 == 9 or ep == epochs - 1:
+            model.eval()
+            with torch.no_grad():
+                sv = model(xv).numpy()
+            auc = roc_auc(val["y"], sv)
+            log.append({"epoch": ep + 1, "train_loss": float(loss), "val_auc": auc})
+            if auc > best[0]:
+                best = (auc, {k: v.clone() for k, v in model.state_dict().items()}, ep + 1)
+    model.load_state_dict(best[1])
+    model.eval()
+    with torch.no_grad():
+        st = torch.sigmoid(model(xt)).numpy()
+        sv = torch.sigmoid(model(xv)).numpy()
+    thr = threshold_for_sensitivity(train["y"], st, CONV_SENSITIVITY)
+    res = {"input": mode, "best_epoch": best[2], "epochs": epochs, "lr": lr,
+           "seconds": time.perf_counter() - t0, "threshold": thr,
+           "train": {"auc": roc_auc(train["y"], st), **sens_spec(train["y"], st, thr)},
+           "val": {"auc": roc_auc(val["y"], sv), **sens_spec(val["y"], sv, thr)},
+           "log": log, "parameters": sum(p.numel() for p in model.parameters())}
+    return model, res
+
+
+# --------------------------------------------------------------------------- V-Net / ResNet
+
+def _forward_loss(model: torch.nn.Module, kind: str, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor,
+                  pos_weight: float, seg_pos_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "vnet":
+        seg, cls = model(x)
+        return vnet_loss(seg, cls, m, y, pos_weight, seg_pos_weight), cls
+    logit = model(x)
+    loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=torch.tensor(pos_weight))
+    return loss, logit
+
+
+def predict(model: torch.nn.Module, kind: str, patches: np.ndarray, batch: int = 32) -> np.ndarray:
+    """CMB probabilities [N] of raw (un-normalised, ppm) patches [N, 32, 32, 32]."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(patches), batch):
+            x = torch.from_numpy(normalise_patches(patches[s:s + batch]))[:, None]
+            o = model(x)
+            logit = o[1] if kind == "vnet" else o
+            out.append(torch.sigmoid(logit).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _val_subset(val: dict, max_neg: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 17])
+    pos = np.flatnonzero(val["y"] > 0.5)
+    neg = np.flatnonzero(val["y"] <= 0.5)
+    if len(neg) > max_neg:
+        neg = np.sort(rng.choice(neg, max_neg, replace=False))
+    return np.concatenate([pos, neg])
+
+
+def train_patch_model(kind: str, train: dict, val: dict, *, epochs: int = 20, batch: int = 16,
+                      lr: float = 1e-3, seed: int = 0, neg_ratio: float = 3.0, patience: int = 5,
+                      val_max_neg: int = 400, augment: bool = True,
+                      progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Train the V-Net (``kind='vnet'``) or the ResNet (``'resnet'``) with early stopping on the
+    validation AUC (computed on all validation positives and up to ``val_max_neg`` negatives)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 1])
+    aug = PatchAugmenter(seed=seed) if augment else None
+    model = VNet() if kind == "vnet" else ResNet3D()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    pos = np.flatnonzero(train["y"] > 0.5)
+    neg = np.flatnonzero(train["y"] <= 0.5)
+    if len(pos) == 0 or len(neg) == 0:
+        raise TrainingError("training data needs both CMB and non-CMB candidates")
+    n_neg = int(min(len(neg), max(1, round(neg_ratio * len(pos)))))
+    pos_weight = n_neg / len(pos)
+    fg = float(train["masks"][pos].sum())
+    seg_pw = float(min(SEG_WEIGHT_CAP, (train["masks"][pos].size - fg) / max(fg, 1.0)))
+    vidx = _val_subset(val, val_max_neg, seed)
+    vx, vm, vy = val["patches"][vidx], val["masks"][vidx], val["y"][vidx]
+    log: list[dict] = []
+    best = {"auc": -1.0, "loss": np.inf, "state": None, "epoch": 0}
+    since = 0
+    t_start = time.perf_counter()
+    for ep in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        idx = np.concatenate([pos, rng.choice(neg, n_neg, replace=False)])
+        rng.shuffle(idx)
+        losses = []
+        for s in range(0, len(idx), batch):
+            b = np.sort(idx[s:s + batch])
+            if len(b) < 2:  # batch norm needs > 1 sample
+                continue
+            p = train["patches"][b].astype(np.float32)
+            m = train["masks"][b]
+            if aug is not None:
+                p, m = aug.batch(p, m)
+            x = torch.from_numpy(normalise_patches(p))[:, None]
+            mt = torch.from_numpy(m.astype(np.float32))[:, None]
+            yt = torch.from_numpy(train["y"][b])
+            loss, _ = _forward_loss(model, kind, x, mt, yt, pos_weight, seg_pw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        t_train = time.perf_counter() - t0
+        # validation loss and AUC (no augmentation, running batch-norm statistics)
+        model.eval()
+        vl, scores = [], []
+        with torch.no_grad():
+            for s in range(0, len(vidx), 32):
+                x = torch.from_numpy(normalise_patches(vx[s:s + 32]))[:, None]
+                mt = torch.from_numpy(vm[s:s + 32].astype(np.float32))[:, None]
+                yt = torch.from_numpy(vy[s:s + 32])
+                loss, logit = _forward_loss(model, kind, x, mt, yt, pos_weight, seg_pw)
+                vl.append(float(loss) * len(yt))
+                scores.append(torch.sigmoid(logit).numpy())
+        vloss = sum(vl) / len(vidx)
+        vauc = roc_auc(vy, np.concatenate(scores))
+        rec = {"epoch": ep, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "val_loss": vloss, "val_auc": vauc, "train_seconds": t_train,
+               "epoch_seconds": time.perf_counter() - t0, "patches": int(len(idx))}
+        log.append(rec)
+        if progress:
+            print(json.dumps({"model": kind, **{k: (round(v, 4) if isinstance(v, float) else v)
+                                                for k, v in rec.items()}}), flush=True)
+        better = vauc > best["auc"] + 1e-6 or (abs(vauc - best["auc"]) <= 1e-6 and vloss < best["loss"])
+        if better:
+            best = {"auc": vauc, "loss": vloss, "epoch": ep,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            since = 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    model.load_state_dict(best["state"])
+    res = {"kind": kind, "epochs_run": len(log), "best_epoch": best["epoch"], "lr": lr, "batch": batch,
+           "neg_ratio": neg_ratio, "pos_weight": pos_weight, "seg_pos_weight": seg_pw,
+           "augment": augment, "seconds": time.perf_counter() - t_start, "log": log,
+           "parameters": count_parameters(model), "val_subset": {"positives": int(vy.sum()),
+                                                                 "negatives": int(len(vy) - vy.sum())}}
+    return model, res
+
+
+def evaluate_scores(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+    return {"auc": roc_auc(y, prob), **sens_spec(y, prob, threshold), "n": int(len(y)),
+            "positives": int(np.sum(y > 0.5))}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read())
+    return h.hexdigest()
+
+
+def _subset(d: dict, keep: np.ndarray) -> dict:
+    return {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", nargs="+", required=True, help="training shard folders")
+    ap.add_argument("--val", nargs="+", required=True, help="validation shard folders")
+    ap.add_argument("--out", default="models")
+    ap.add_argument("--model", choices=("vnet", "resnet", "convscreen", "all"), default="all")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--neg-ratio", type=float, default=3.0)
+    ap.add_argument("--patience", type=int, default=5)
+    ap.add_argument("--val-max-neg", type=int, default=400)
+    ap.add_argument("--conv-input", choices=("shape", "frst"), default="frst")
+    ap.add_argument("--conv-epochs", type=int, default=400)
+    ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--cyclegan", default=None, help="CycleGAN checkpoint (python -m training.cyclegan)")
+    ap.add_argument("--synthetic", type=int, default=0, help="synthetic CMB patches to add (with --cyclegan)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.perf_counter()
+    train, val = load_shards(a.data), load_shards(a.val)
+    print(json.dumps({"train_candidates": int(len(train["y"])), "train_positives": int(train["y"].sum()),
+                      "val_candidates": int(len(val["y"])), "val_positives": int(val["y"].sum())}), flush=True)
+    synth_info = None
+    if a.cyclegan and a.synthetic > 0:
+        from training.cyclegan import synthesise_from_shards
+        train, synth_info = synthesise_from_shards(a.cyclegan, train, a.synthetic, seed=a.seed)
+    det_path = os.path.join(a.out, "detector.json")
+    log_path = os.path.join(a.out, "training_log.json")
+    detector = json.load(open(det_path)) if os.path.exists(det_path) else {}
+    tlog = json.load(open(log_path)) if os.path.exists(log_path) else {}
+    import monai
+    detector.update({
+        "patch_size": PATCH_SIZE,
+        "normalisation": {"quantity": "chi_ppm", "clip_ppm": [-CLIP_PPM, CLIP_PPM], "scale_ppm": SCALE_PPM,
+                          "formula": "x = clip(chi_ppm, -clip, clip) / scale",
+                          "function": "training.train.normalise_patches"},
+        "candidates": "paramagnetic only (diamagnetic candidates are calcification mimics, never CMB)",
+        "positive_labels": list(POSITIVE_LABELS),
+        "versions": {"torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
+                     "python": sys.version.split()[0]},
+        "training": {"command": "python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv),
+                     "seed": a.seed, "train_subjects": train["meta"], "val_subjects": val["meta"],
+                     "synthetic": synth_info},
+    })
+    weights = dict(detector.get("weights", {}))
+    which = ("convscreen", "vnet", "resnet") if a.model == "all" else (a.model,)
+    if "convscreen" in which:
+        model, res = train_convscreen(train, val, seed=a.seed, epochs=a.conv_epochs, mode=a.conv_input)
+        path = os.path.join(a.out, "convscreen.pt")
+        torch.save(model.state_dict(), path)
+        weights["convscreen.pt"] = _sha256(path)
+        detector["convscreen"] = {"threshold": res["threshold"], "input": a.conv_input,
+                                  "cube_size": 7, "rule": "sigmoid(logit) >= threshold keeps the candidate",
+                                  "chosen_on": f"training positives, sensitivity >= {CONV_SENSITIVITY}",
+                                  "val": res["val"], "train": res["train"]}
+        tlog["convscreen"] = res
+        print(json.dumps({"convscreen": {"threshold": res["threshold"], "train": res["train"], "val": res["val"]}}),
+              flush=True)
+    screen = None
+    if "convscreen" in detector and os.path.exists(os.path.join(a.out, "convscreen.pt")):
+        cs = ConvScreen()
+        cs.load_state_dict(torch.load(os.path.join(a.out, "convscreen.pt")))
+        cs.eval()
+        with torch.no_grad():
+            pv = torch.sigmoid(cs(torch.from_numpy(conv_inputs(val["cubes"], detector["convscreen"]["input"])))).numpy()
+        screen = pv >= detector["convscreen"]["threshold"]
+    for kind in ("vnet", "resnet"):
+        if kind not in which:
+            continue
+        model, res = train_patch_model(kind, train, val, epochs=a.epochs, batch=a.batch, lr=a.lr, seed=a.seed,
+                                       neg_ratio=a.neg_ratio, patience=a.patience, val_max_neg=a.val_max_neg,
+                                       augment=not a.no_augment)
+        path = os.path.join(a.out, f"{kind}.pt")
+        torch.save(model.state_dict(), path)
+        weights[f"{kind}.pt"] = _sha256(path)
+        t = time.perf_counter()
+        prob = predict(model, kind, val["patches"])
+        res["val_full_predict_seconds"] = time.perf_counter() - t
+        thr = youden_threshold(val["y"], prob)
+        thr95 = threshold_for_sensitivity(val["y"], prob, 0.95)
+        entry = {"threshold": thr, "threshold_rule": "max Youden J on validation (all paramagnetic candidates)",
+                 "threshold_sens95": thr95, "val_all": evaluate_scores(val["y"], prob, thr),
+                 "val_all_at_sens95": evaluate_scores(val["y"], prob, thr95),
+                 "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
+                 "parameters": res["parameters"]}
+        if screen is not None:
+            entry["val_after_convscreen"] = evaluate_scores(val["y"][screen], prob[screen], thr)
+            entry["val_after_convscreen"]["positives_lost_by_screen"] = int(np.sum(val["y"][~screen] > 0.5))
+        detector[kind] = entry
+        tlog[kind] = res
+        print(json.dumps({kind: {k: v for k, v in entry.items() if k != "parameters"}}), flush=True)
+    detector["weights"] = {k: {"sha256": v} if isinstance(v, str) else v for k, v in weights.items()}
+    detector["total_seconds"] = time.perf_counter() - t0
+    tlog["threads"] = a.threads
+    with open(det_path, "w") as fh:
+        json.dump(detector, fh, indent=1)
+    with open(log_path, "w") as fh:
+        json.dump(tlog, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
