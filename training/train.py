@@ -6,7 +6,7 @@ CycleGAN"; architectures in ``core.detect.vnet``, ``core.detect.resnet``, ``core
 Input: shard folders written by ``python -m training.dataset`` (``<subject>.npz`` + ``.json``).
 Output (``--out``): ``convscreen.pt``, ``vnet.pt``, ``resnet.pt`` (float32 state_dicts),
 ``detector.json`` (thresholds and the exact pre-processing inference must repeat) and
-``training_log.json`` (loss and AUC per epoch, timings).
+``training_log.json`` (loss and AUC per epoch, timings) and ``MODEL_CARD.md`` (generated from both).
 
 Decisions (documented in ``models/MODEL_CARD.md`` too):
 
@@ -357,9 +357,10 @@ def train_patch_model(kind: str, train: dict, val: dict, *, epochs: int = 20, ba
         if progress:
             print(json.dumps({"model": kind, **{k: (round(v, 4) if isinstance(v, float) else v)
                                                 for k, v in rec.items()}}), flush=True)
-        better = vauc > best["auc"] + 1e-6 or (abs(vauc - best["auc"]) <= 1e-6 and vloss < best["loss"])
+        key = vauc if np.isfinite(vauc) else -1.0  # no validation positives: select on the loss
+        better = key > best["auc"] + 1e-6 or (abs(key - best["auc"]) <= 1e-6 and vloss < best["loss"])
         if better:
-            best = {"auc": vauc, "loss": vloss, "epoch": ep,
+            best = {"auc": key, "loss": vloss, "epoch": ep,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             since = 0
         else:
@@ -503,8 +504,104 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(detector, fh, indent=1)
     with open(log_path, "w") as fh:
         json.dump(tlog, fh, indent=1)
+    write_model_card(a.out, machine=f"Trained with {a.threads} CPU threads ({os.cpu_count()} cores on the machine).")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- model card
+
+def _fmt(x: object, nd: int = 3) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def write_model_card(out_dir: str, machine: str = "") -> str:
+    """(Re)write ``out_dir/MODEL_CARD.md`` from ``detector.json`` and ``training_log.json``."""
+    det = json.load(open(os.path.join(out_dir, "detector.json")))
+    log = json.load(open(os.path.join(out_dir, "training_log.json")))
+    tr = det["training"]
+    lines = ["# Model card: stage II CMB detector (ConvScreen, V-Net, ResNet comparator)", "",
+             "**All training and validation data are SIMULATED** (digital brains from "
+             "`training.sim`, QSM reconstructed by our chain, candidates from stage I; "
+             "`python -m training.dataset`). No figure here is a clinical performance claim.", "",
+             "## Data", "",
+             "| set | subject | seed | voxel (mm) | control | paramagnetic candidates | positives |",
+             "|---|---|---|---|---|---|---|"]
+    for name, key in (("train", "train_subjects"), ("val", "val_subjects")):
+        for m in tr[key]:
+            lines.append(f"| {name} | {m['subject']} | {m['seed']} | {m['voxel_mm']} | {m['control']} | "
+                         f"{m['candidates_used']} | {m['positives']} |")
+    for name, key in (("train", "train_subjects"), ("val", "val_subjects")):
+        n = sum(m["candidates_used"] for m in tr[key])
+        p = sum(m["positives"] for m in tr[key])
+        lines.append(f"\n{name}: {len(tr[key])} subjects, {n} paramagnetic candidates, {p} positives "
+                     f"(`cmb` + `cmb_duplicate`), {n - p} negatives.")
+    if tr.get("synthetic"):
+        lines.append(f"\nCycleGAN synthetic positives: {tr['synthetic']}")
+    lines += ["", "Labels: positive = `cmb` or `cmb_duplicate` (a second candidate within the hit distance "
+              "of an already matched bleed: its patch holds the bleed); negative = `other`, `vessel`, "
+              "paramagnetic `calcification`. Diamagnetic candidates are excluded (never CMB; reported as "
+              "calcification mimics).", "",
+              "## Recipe", "",
+              "- ConvScreen (`core.detect.candidates.ConvScreen`, "
+              f"{log.get('convscreen', {}).get('parameters', '?')} parameters): input "
+              f"`{det.get('convscreen', {}).get('input', '?')}` 7x7x7 FRST cube "
+              "(`training.train.conv_inputs`), full-batch Adam lr 0.02, positive-weighted BCE, best "
+              "validation-AUC epoch kept; threshold = highest keeping >= 99 % of training positives.",
+              "- V-Net (`core.detect.vnet.VNet`, 611,265 parameters in the paper's count) and ResNet "
+              "(`core.detect.resnet.ResNet3D`, 452,529): 32^3 QSM patches, normalisation "
+              f"`{det['normalisation']['formula']}` with clip {det['normalisation']['clip_ppm']} ppm, "
+              f"scale {det['normalisation']['scale_ppm']} ppm.",
+              "- V-Net loss: `core.detect.vnet.vnet_loss` = weighted BCE (classification) + weighted BCE "
+              "+ Dice (segmentation). V-Net CMB logit: max of the segmentation logits over the central "
+              "7^3 voxels (`training.train.vnet_readout`; the paper's global max is `--readout -1`). "
+              "ResNet: weighted BCE.",
+              "- Adam; every epoch all positives + a fresh draw of negatives (neg-ratio x positives); "
+              "augmentation `training.augment.PatchAugmenter` (flips on 3 axes, quarter turns in the "
+              "(i, j) plane, intensity scale +-20 %, Gaussian noise 0.02 ppm; MONAI); early stopping "
+              "on validation AUC, best epoch kept.", ""]
+    for kind in ("vnet", "resnet"):
+        if kind in log:
+            r = log[kind]
+            ep = r["log"]
+            tps = np.mean([e["train_seconds"] / max(e["patches"], 1) for e in ep])
+            lines.append(f"- {kind}: lr {r['lr']}, batch {r['batch']}, neg-ratio {r['neg_ratio']}, "
+                         f"pos_weight {r['pos_weight']:.2f}, seg_pos_weight {_fmt(r['seg_pos_weight'], 1)}, "
+                         f"{r['epochs_run']} epochs run, best epoch {r['best_epoch']}, "
+                         f"{np.mean([e['epoch_seconds'] for e in ep]):.0f} s per epoch "
+                         f"({tps:.2f} s per training patch), total {r['seconds'] / 60:.1f} min.")
+    lines += ["", "## Reproduce", "", "```", tr["command"], "```", "",
+              f"Seed {tr['seed']}; versions {det['versions']}. {machine}", "",
+              "## Validation metrics (all paramagnetic candidates of the validation subjects)", "",
+              "| model | AUC | threshold | sensitivity | specificity | TP | FN | TN | FP |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    if "convscreen" in det:
+        v = det["convscreen"]["val"]
+        lines.append(f"| ConvScreen (thr: 99 % train sens.) | {_fmt(v['auc'])} | {_fmt(v['threshold'])} | "
+                     f"{_fmt(v['sensitivity'])} | {_fmt(v['specificity'])} | {v['tp']} | {v['fn']} | {v['tn']} | {v['fp']} |")
+    for kind in ("vnet", "resnet"):
+        if kind in det:
+            for tag, key in (("Youden", "val_all"), ("sens >= 0.95", "val_all_at_sens95")):
+                v = det[kind][key]
+                lines.append(f"| {kind} ({tag}) | {_fmt(v['auc'])} | {_fmt(v['threshold'])} | "
+                             f"{_fmt(v['sensitivity'])} | {_fmt(v['specificity'])} | {v['tp']} | {v['fn']} | "
+                             f"{v['tn']} | {v['fp']} |")
+            if "val_after_convscreen" in det[kind]:
+                v = det[kind]["val_after_convscreen"]
+                lines.append(f"| {kind} after ConvScreen (Youden thr.) | {_fmt(v['auc'])} | {_fmt(v['threshold'])} | "
+                             f"{_fmt(v['sensitivity'])} | {_fmt(v['specificity'])} | {v['tp']} | {v['fn']} | "
+                             f"{v['tn']} | {v['fp']} |")
+    lines += ["", "Thresholds were chosen on this validation set, so these figures are optimistic; a held-out "
+              "test set is the evaluation's job (`training.evaluate`).", "", "## Weights (sha256)", ""]
+    for f, h in det.get("weights", {}).items():
+        size = os.path.getsize(os.path.join(out_dir, f)) if os.path.exists(os.path.join(out_dir, f)) else 0
+        lines.append(f"- `{f}` ({size / 1e6:.2f} MB): `{h['sha256']}`")
+    lines += ["", "Files: `detector.json` (thresholds, normalisation, readout, versions, data seeds), "
+              "`training_log.json` (loss and AUC per epoch).", ""]
+    path = os.path.join(out_dir, "MODEL_CARD.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
+    return path

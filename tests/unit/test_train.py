@@ -137,7 +137,7 @@ def test_train_cli_learns_and_writes_models(shards, tmp_path):
     rc = main(["--data", tr, "--val", va, "--out", out, "--model", "all", "--epochs", "2", "--batch", "8",
                "--neg-ratio", "1", "--seed", "0", "--threads", "2", "--conv-epochs", "60"])
     assert rc == 0
-    for f in ("vnet.pt", "resnet.pt", "convscreen.pt", "detector.json", "training_log.json"):
+    for f in ("vnet.pt", "resnet.pt", "convscreen.pt", "detector.json", "training_log.json", "MODEL_CARD.md"):
         assert os.path.exists(os.path.join(out, f)), f
     det = json.load(open(os.path.join(out, "detector.json")))
     assert det["patch_size"] == 32 and det["normalisation"]["clip_ppm"] == [-3.0, 3.0]
@@ -146,6 +146,8 @@ def test_train_cli_learns_and_writes_models(shards, tmp_path):
         assert set(det["weights"][f"{k}.pt"]) == {"sha256"}
     assert det["convscreen"]["train"]["sensitivity"] >= 0.99
     assert det["vnet"]["val_all"]["auc"] > 0.9
+    card = open(os.path.join(out, "MODEL_CARD.md")).read()
+    assert "SIMULATED" in card and det["weights"]["vnet.pt"]["sha256"] in card
     log = json.load(open(os.path.join(out, "training_log.json")))
     assert len(log["vnet"]["log"]) == 2 and np.isfinite(log["vnet"]["log"][-1]["val_loss"])
     # the saved weights + the recorded normalisation reproduce the recorded validation AUC
