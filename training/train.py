@@ -508,9 +508,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --------------------------------------------------------------------------- model card
 
@@ -614,3 +611,7 @@ def write_model_card(out_dir: str, machine: str = "") -> str:
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
     return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
