@@ -130,7 +130,7 @@ def test_saved_vnet_weights_reload_identically(tmp_path):
     assert os.path.getsize(path) < 3_000_000  # float32 state_dict, ~2.5 MB
 
 
-@pytest.mark.slow  # ~45 s on 2 idle cores (trains all three networks for 2 epochs)
+@pytest.mark.slow  # 20-120 s on 2 cores depending on load (trains all three networks for 2 epochs)
 def test_train_cli_learns_and_writes_models(shards, tmp_path):
     tr, va = shards
     out = str(tmp_path / "models")
