@@ -67,7 +67,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.detect.candidates import ConvScreen, cube_shapes
+from core.detect.candidates import ConvScreen
+from core.detect.detector import conv_input, normalise_patch
+from core.detect.detector import vnet_readout as detector_vnet_readout
 from core.detect.resnet import ResNet3D
 from core.detect.vnet import PATCH_SIZE, VNet, count_parameters, vnet_loss
 from training.augment import PatchAugmenter
@@ -81,23 +83,8 @@ READOUT_RADIUS_VOX = 3
 
 
 def vnet_readout(seg_logits: torch.Tensor, radius_vox: int | None = READOUT_RADIUS_VOX) -> torch.Tensor:
-    """CMB logit [N] from V-Net segmentation logits [N, 1, D, H, W]: the maximum over the central
-    (2r+1)^3 voxels (``radius_vox`` r), or over the whole patch (the paper's global max-pool,
-    ``core.detect.vnet.VNet``'s ``cls_logit``) when ``radius_vox`` is None.
-
-    Why the central default: a 32^3 patch around a candidate often holds other bright structures
-    (veins, a neighbouring bleed) whose segmentation would make the global maximum answer "is
-    there a bleed anywhere in the patch" rather than "is this candidate a bleed". Measured on the
-    dev validation shards (ds9, paramagnetic candidates): the raw patch maximum separates CMBs
-    with AUC 0.65, the maximum of the central 7^3 voxels with AUC 0.92; and a V-Net trained with
-    the global readout had validation AUC 0.35 after 2 epochs.
-    """
-    if radius_vox is None:
-        return torch.amax(seg_logits, dim=(1, 2, 3, 4))
-    c = [s // 2 for s in seg_logits.shape[2:]]
-    r = int(radius_vox)
-    sub = seg_logits[:, :, c[0] - r:c[0] + r + 1, c[1] - r:c[1] + r + 1, c[2] - r:c[2] + r + 1]
-    return torch.amax(sub, dim=(1, 2, 3, 4))
+    """The V-Net readout used at inference (:func:`core.detect.detector.vnet_readout`)."""
+    return detector_vnet_readout(seg_logits, radius_vox)
 
 
 class TrainingError(RuntimeError):
@@ -140,22 +127,17 @@ def load_shards(dirs: Sequence[str], paramagnetic_only: bool = True) -> dict:
 
 
 def normalise_patches(patches: np.ndarray) -> np.ndarray:
-    """The stage II input normalisation (inference must use the same): clip chi to +-CLIP_PPM ppm,
-    divide by SCALE_PPM. Returns float32 of the same shape."""
-    return np.clip(np.asarray(patches, np.float32), -CLIP_PPM, CLIP_PPM) / SCALE_PPM
+    """The stage II input normalisation, i.e. :func:`core.detect.detector.normalise_patch` with
+    ``clip(chi, -CLIP_PPM, CLIP_PPM) / SCALE_PPM``. Returns float32 of the same shape."""
+    return normalise_patch(patches, SCALE_PPM, CLIP_PPM / SCALE_PPM)
 
 
 def conv_inputs(cubes: np.ndarray, mode: str = "shape") -> np.ndarray:
-    """ConvScreen input from FRST cubes [N, 7, 7, 7]: ``shape`` (cube_shapes at 0.5) or ``frst``
-    (raw cube clipped to [0, 4]). Returns float32 [N, 1, 7, 7, 7]."""
-    c = np.asarray(cubes, np.float32)
-    if mode == "shape":
-        x = cube_shapes(c, 0.5)
-    elif mode == "frst":
-        x = np.clip(c, 0.0, 4.0)
-    else:
+    """ConvScreen input [N, 1, 7, 7, 7] (:func:`core.detect.detector.conv_input`): ``shape``
+    (cube_shapes at 0.5) or ``frst`` (raw cube clipped to [0, 4])."""
+    if mode not in ("shape", "frst"):
         raise TrainingError(f"unknown ConvScreen input mode {mode!r}")
-    return x[:, None]
+    return conv_input(cubes, mode)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -437,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "patch_size": PATCH_SIZE,
         "normalisation": {"quantity": "chi_ppm", "clip_ppm": [-CLIP_PPM, CLIP_PPM], "scale_ppm": SCALE_PPM,
                           "formula": "x = clip(chi_ppm, -clip, clip) / scale",
-                          "function": "training.train.normalise_patches"},
+                          "function": "core.detect.detector.normalise_patch"},
         "candidates": "paramagnetic only (diamagnetic candidates are calcification mimics, never CMB)",
         "positive_labels": list(POSITIVE_LABELS),
         "versions": {"torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
@@ -488,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "readout": ({"rule": "global max of segmentation logits (paper)", "radius_vox": None}
                              if readout is None or kind != "vnet" else
                              {"rule": "max of segmentation logits over the central (2r+1)^3 voxels",
-                              "radius_vox": readout, "function": "training.train.vnet_readout"}),
+                              "radius_vox": readout, "function": "core.detect.detector.vnet_readout"}),
                  "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
                  "parameters": res["parameters"]}
         if screen is not None:
