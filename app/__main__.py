@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         q = summary["qsm"]
         print(f"QSM ({q['method']}): brain {q['brain_volume_ml']} ml, {q['seconds'].get('total', 0):.1f} s; "
               f"map: {out / 'qsm.nii.gz'} and DICOM series {out / 'dicom' / 'qsm'}")
+    if "detection" in summary:
+        d = summary["detection"]
+        print(f"microbleeds: {d['n_microbleeds']} (mimics listed separately: {d['n_mimics']}); "
+              f"findings: {out / 'findings.json'}, report: {out / 'cmb_summary.txt'}, DICOM: {out / 'dicom' / 'cmb'}")
     print(f"wrote {len(written)} file(s) to {out}")
     return 0
 

@@ -1,9 +1,8 @@
 """The application's operator chain, in the order the data flows.
 
-    load -> select + volume -> QSM (mask, unwrap, echo fit, V-SHARP, STAR-QSM) -> QSM writer -> summary
-
-Later steps (candidates, V-Net, MARS, SR / SEG / key images) join this chain as they are built;
-nothing downstream is pretended before it exists.
+    load -> select + volume -> QSM (mask, unwrap, echo fit, V-SHARP, STAR-QSM) -> QSM writer
+         -> detection (stage I: FRST + ConvScreen; stage II: V-Net) -> MARS localisation
+         -> reports (findings.json, TID 1500 SR, SEG, key images, clinical summary) -> summary.json
 """
 
 from __future__ import annotations
@@ -15,10 +14,13 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
 from app import __version__
+from operators.cmb_detector import CMBDetectorOperator
 from operators.gre_loader import GREStudyLoaderOperator
 from operators.gre_selector import GRESeriesSelectorOperator
+from operators.mars_localizer import MarsLocalizerOperator
 from operators.qsm_reconstruction import QSMReconstructionOperator
 from operators.qsm_writer import QSMWriterOperator
+from operators.report_writer import CMBReportWriterOperator
 from operators.study_summary import StudySummaryWriterOperator
 
 ALGORITHM_VERSION = f"cmb-qsm {__version__}"
@@ -46,14 +48,23 @@ class CMBApp(Application):
         super().__init__(*args, **kwargs)
 
     def compose(self) -> None:
-        cfg = self.config
+        cfg, out, version = self.config, self.config.output_dir, ALGORITHM_VERSION
         load = GREStudyLoaderOperator(self, CountCondition(self, 1), input_folder=cfg.input_dir, name="load")
         select = GRESeriesSelectorOperator(self, phase_flip=cfg.phase_flip, name="select")
         qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, name="qsm")
-        qsm_out = QSMWriterOperator(self, output_folder=cfg.output_dir, algorithm_version=ALGORITHM_VERSION,
-                                    name="qsm_writer")
-        summary = StudySummaryWriterOperator(self, output_folder=cfg.output_dir, name="summary")
+        qsm_out = QSMWriterOperator(self, output_folder=out, algorithm_version=version, name="qsm_writer")
+        detect = CMBDetectorOperator(self, algorithm_version=version, model_dir=cfg.model_dir, name="detect")
+        mars = MarsLocalizerOperator(self, name="mars")
+        reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=version, name="reports")
+        summary = StudySummaryWriterOperator(self, output_folder=out, name="summary")
+
         self.add_flow(load, select, {("datasets", "datasets")})
         self.add_flow(select, qsm, {("gre", "gre")})
         self.add_flow(qsm, qsm_out, {("gre", "gre"), ("qsm", "qsm")})
-        self.add_flow(qsm_out, summary, {("gre", "gre"), ("qsm", "qsm")})
+        self.add_flow(qsm_out, detect, {("gre", "gre"), ("qsm", "qsm")})
+        self.add_flow(detect, mars, {("gre", "gre"), ("qsm", "qsm"), ("findings", "findings")})
+        self.add_flow(detect, reports, {("gre", "gre"), ("qsm", "qsm")})
+        self.add_flow(mars, reports, {("findings", "findings")})
+        self.add_flow(detect, summary, {("gre", "gre"), ("qsm", "qsm")})
+        self.add_flow(reports, summary, {("findings", "findings")})
+        self.add_flow(mars, summary, {("mars", "mars")})

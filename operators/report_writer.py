@@ -54,7 +54,8 @@ def write_detection_outputs(gre, qsm, findings: StudyFindings, out_dir: Path,
 
 
 class CMBReportWriterOperator(Operator):
-    """``gre`` + ``qsm`` + ``findings`` -> files in the (staged) output folder."""
+    """``gre`` + ``qsm`` + ``findings`` -> files in the (staged) output folder; ``findings`` passed on
+    (so the study summary is written after every report file exists)."""
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, algorithm_version: str, **kwargs) -> None:
         self.output_folder = Path(output_folder)
@@ -65,8 +66,10 @@ class CMBReportWriterOperator(Operator):
         spec.input("gre")
         spec.input("qsm")
         spec.input("findings")
+        spec.output("findings")
 
     def compute(self, op_input, op_output, context) -> None:
         gre, qsm = op_input.receive("gre"), op_input.receive("qsm")
         findings = op_input.receive("findings")
         write_detection_outputs(gre, qsm, findings, self.output_folder, self.algorithm_version)
+        op_output.emit(findings, "findings")

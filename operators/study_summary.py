@@ -16,7 +16,8 @@ from core.dicom.volume import GREVolume
 from core.nifti import save_nifti
 
 
-def write_study_summary(gre: GREVolume, out_dir: Path, qsm=None, extra: dict | None = None) -> dict:
+def write_study_summary(gre: GREVolume, out_dir: Path, qsm=None, findings=None, mars: dict | None = None,
+                        extra: dict | None = None) -> dict:
     """Write summary.json, magnitude.nii.gz and phase.nii.gz ([i, j, k, echo]); return the summary.
 
     With a ``qsm`` result the summary also records the method, the reference and seconds per step.
@@ -33,6 +34,14 @@ def write_study_summary(gre: GREVolume, out_dir: Path, qsm=None, extra: dict | N
             "brain_volume_ml": round(float(qsm.mask.sum()) * gre.geometry.voxel_volume_mm3 / 1000.0, 1),
             "seconds": {k: round(float(v), 3) for k, v in qsm.timings_s.items()},
         }
+    if findings is not None:
+        summary["detection"] = {
+            "n_microbleeds": len(findings.microbleeds),
+            "n_mimics": len(findings.mimics),
+            "seconds": {k: round(float(v), 3) for k, v in (getattr(findings, "timings_s", None) or {}).items()},
+        }
+    if mars is not None:
+        summary["mars"] = mars
     summary["files"] = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     summary["files"].append("summary.json")
     if extra:
@@ -42,7 +51,7 @@ def write_study_summary(gre: GREVolume, out_dir: Path, qsm=None, extra: dict | N
 
 
 class StudySummaryWriterOperator(Operator):
-    """``gre`` (+ ``qsm``) -> files in the (staged) output folder."""
+    """``gre``, ``qsm``, ``findings``, ``mars`` -> summary.json (+ magnitude/phase NIfTI); the last step."""
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
         self.output_folder = Path(output_folder)
@@ -51,6 +60,9 @@ class StudySummaryWriterOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("gre")
         spec.input("qsm")
+        spec.input("findings")
+        spec.input("mars")
 
     def compute(self, op_input, op_output, context) -> None:
-        write_study_summary(op_input.receive("gre"), self.output_folder, qsm=op_input.receive("qsm"))
+        write_study_summary(op_input.receive("gre"), self.output_folder, qsm=op_input.receive("qsm"),
+                            findings=op_input.receive("findings"), mars=op_input.receive("mars"))

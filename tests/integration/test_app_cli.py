@@ -64,6 +64,23 @@ def test_app_reads_every_vendor_as_simulated(cohort: Path, tmp_path: Path):
         assert set(summary_all["files"]) >= {"qsm.nii.gz", "brain_mask.nii.gz", "summary.json"}
         for f in (series[0], series[-1]):
             assert dciodvfy_errors(f) == [], f
+        # detection, localisation and reports: findings.json and the DICOM results a radiologist opens
+        from core.findings import StudyFindings
+
+        findings = StudyFindings.load(out / "findings.json")
+        assert findings.study_instance_uid == summary["study_instance_uid"]
+        assert summary_all["detection"]["n_microbleeds"] == len(findings.microbleeds)
+        assert all(f.kind != "cmb" or f.probability > 0 for f in findings.findings)
+        from core.mars import REGION_BY_KEY
+
+        for f in findings.findings:  # a focus outside every atlas region stays unlocalised (None)
+            assert f.mars_region is None or REGION_BY_KEY[f.mars_region].category == f.mars_category
+        sr = out / "dicom" / "cmb" / "SR_CMB.dcm"
+        assert dciodvfy_errors(sr) == []
+        if findings.findings:
+            assert dciodvfy_errors(out / "dicom" / "cmb" / "SEG_CMB.dcm") == []
+            assert len(list((out / "dicom" / "cmb").glob("KEY_*.dcm"))) == len(findings.findings)
+        assert (out / "cmb_summary.txt").read_text().startswith("Cerebral microbleeds")
 
 
 def test_simulator_is_deterministic(cohort: Path, tmp_path: Path):
