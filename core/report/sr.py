@@ -150,6 +150,24 @@ def _summary_group(findings: StudyFindings) -> hd.sr.MeasurementsAndQualitativeE
     )
 
 
+def referenced_segment(seg, segment_number: int) -> hd.sr.ReferencedSegment:
+    """``hd.sr.ReferencedSegment.from_segmentation`` that also works on a one-segment SEG.
+
+    With a single segment, highdicom puts SegmentIdentificationSequence in the *shared* functional
+    groups, and its own ``from_segmentation`` (0.28.2) looks for it per frame only and fails. The
+    reference depends only on the SEG's UIDs and its frames' source images, so we give it a copy
+    whose per-frame items carry the shared identification.
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
+    if shared is not None and "SegmentIdentificationSequence" in shared and any(
+            "SegmentIdentificationSequence" not in fr for fr in seg.PerFrameFunctionalGroupsSequence):
+        seg = copy.deepcopy(seg)
+        for fr in seg.PerFrameFunctionalGroupsSequence:
+            if "SegmentIdentificationSequence" not in fr:
+                fr.SegmentIdentificationSequence = copy.deepcopy(shared.SegmentIdentificationSequence)
+    return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number)
+
+
 def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
              seg: hd.seg.Segmentation | None = None,
              content_datetime: _dt.datetime | None = None) -> hd.sr.Comprehensive3DSR:
@@ -161,7 +179,7 @@ def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
         observer_identifying_attributes=device))
     # one reference per segment, shared by the groups of that kind (from_segmentation walks the SEG)
-    seg_refs = ({kind: hd.sr.ReferencedSegment.from_segmentation(seg, n)
+    seg_refs = ({kind: referenced_segment(seg, n)
                  for kind, n in segment_numbers(findings).items()} if seg is not None else {})
     ordered = findings.microbleeds + findings.mimics
     groups = [_group(f, gre, findings, seg_refs) for f in ordered]

@@ -249,3 +249,20 @@ def test_write_reports_writes_everything(case, tmp_path):
     text = (tmp_path / "cmb_summary.txt").read_text()
     assert text.startswith("Cerebral microbleeds (QSM): 4 (")
     assert "Distribution: mixed." in text  # lobar + deep (external capsule) + brainstem
+
+
+def test_microbleeds_only_single_segment_seg(case, tmp_path):
+    """A study with microbleeds and no mimic gives a one-segment SEG (highdicom then keeps the
+    segment identification in the shared functional groups); the SR must still reference it."""
+    gre = case["classic"]["gre"]
+    full = case["classic"]["findings"]
+    only = StudyFindings(full.study_instance_uid, VERSION, list(full.microbleeds), full.label_map.copy())
+    for f in full.mimics:
+        only.label_map[only.label_map == f.mask_label] = 0
+    seg = write_seg(only, gre, tmp_path, VERSION)
+    assert len(pydicom.dcmread(seg).SegmentSequence) == 1
+    path = write_sr(only, gre, tmp_path, VERSION, seg_path=seg)
+    assert dciodvfy_errors(path) == []
+    groups = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(only.microbleeds)
+    assert all(g.referenced_segment is not None for g in groups)
