@@ -43,7 +43,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -58,6 +57,9 @@ from typing import Any
 import pydicom
 import yaml
 
+from bench.ingest import dcmtk_env, free_port
+from bench.ingest import simulate_study as _simulate_study
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 NODE_AET = "CMB_NODE"
@@ -65,23 +67,9 @@ SCU_AET = "SOAK_SCU"
 ACK_MARKERS = ("Received Store Response (Success", "Received Store Response (Warning")
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def dcmtk_env() -> dict[str, str]:
-    return dict(os.environ, TCP_NODELAY="1")
-
-
 def simulate_study(out: Path, voxel_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)) -> Path:
-    """Simulate one subject with the project's simulator; returns its DICOM folder."""
-    subprocess.run([PY, "-m", "training.simulate", "--out", str(out), "--subjects", "1",
-                    "--seed", "1", "--voxel-mm", *(str(v) for v in voxel_mm)],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return out / "sub-000" / "dicom"
+    """Simulate the soak study (3 mm: about 470 instances); returns its DICOM folder."""
+    return _simulate_study(out, voxel_mm)
 
 
 def dataset_bytes(path: Path) -> bytes:
