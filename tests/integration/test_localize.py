@@ -18,7 +18,7 @@ from training.sim.phantom import simulate_subject
 
 @pytest.fixture(scope="module")
 def study():
-    return simulate_subject("loc-int", 7101, voxel_mm=(3.0, 3.0, 3.0), tilt_deg=12.0, n_cmb=15, n_calc=0,
+    return simulate_subject("loc-int", 7101, voxel_mm=(2.0, 2.0, 2.0), tilt_deg=12.0, n_cmb=15, n_calc=0,
                             echo_times_s=(0.006,))
 
 
