@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from bench.ingest import dcmtk_env, free_port, simulate_study, stop, wait_echo
+from bench.ingest import dcmtk_env, free_port, simulate_study, start_orthanc, stop, wait_echo
 from deploy.node.queue import Queue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,20 +52,6 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: flo
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def start_orthanc(root: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    """Orthanc 1.10 on loopback with a temp config; returns (process, DICOM port, HTTP port)."""
-    dicom_port, http_port = free_port(), free_port()
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = {"Name": "e2e-orthanc", "DicomAet": "ORTHANC", "DicomPort": dicom_port,
-           "HttpPort": http_port, "StorageDirectory": str(root / "storage"),
-           "IndexDirectory": str(root / "index"), "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
-           "DicomModalities": {}, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True}
-    (root / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_echo(dicom_port, "ORTHANC")
-    return proc, dicom_port, http_port
 
 
 def start_node(root: Path, orthanc_port: int, quiet: float) -> tuple[subprocess.Popen[bytes], int]:

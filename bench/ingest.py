@@ -139,11 +139,13 @@ def run_storescp(files_dir: Path, root: Path) -> tuple[float, int]:
     return dt, sum(1 for p in out.iterdir() if p.is_file())
 
 
-def run_orthanc(files_dir: Path, root: Path) -> tuple[float, int]:
+def start_orthanc(root: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Orthanc 1.10 on loopback with a temp config; returns (process, DICOM port, HTTP port)."""
     dicom_port, http_port = free_port(), free_port()
+    root.mkdir(parents=True, exist_ok=True)
     cfg = {"Name": "bench-orthanc", "DicomAet": "ORTHANC", "DicomPort": dicom_port,
-           "HttpPort": http_port, "StorageDirectory": str(root / "o-storage"),
-           "IndexDirectory": str(root / "o-index"), "RemoteAccessAllowed": False,
+           "HttpPort": http_port, "StorageDirectory": str(root / "storage"),
+           "IndexDirectory": str(root / "index"), "RemoteAccessAllowed": False,
            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
            "DicomModalities": {}, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True}
     (root / "orthanc.json").write_text(json.dumps(cfg))
@@ -151,6 +153,15 @@ def run_orthanc(files_dir: Path, root: Path) -> tuple[float, int]:
                             stderr=subprocess.DEVNULL)
     try:
         wait_echo(dicom_port, "ORTHANC")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, dicom_port, http_port
+
+
+def run_orthanc(files_dir: Path, root: Path) -> tuple[float, int]:
+    proc, dicom_port, http_port = start_orthanc(root / "orthanc")
+    try:
         dt, _ = push(files_dir, dicom_port, "ORTHANC")
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=10) as r:
             n = int(json.loads(r.read())["CountInstances"])
