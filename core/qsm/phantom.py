@@ -10,7 +10,7 @@ far-reaching staircase ringing (which is not harmonic inside the brain and defea
 Signal: ``m exp(-R2* TE) exp(i phase) + complex noise`` with a smooth receiver phase offset; phase
 follows core.physics (positive chi -> positive phase).
 
-Used by ``tests/unit/test_qsm_*.py`` and by :mod:`core.qsm.benchmark`.
+Used by ``tests/unit/test_qsm_*.py`` and by ``bench/qsm_speed.py``.
 """
 
 from __future__ import annotations
