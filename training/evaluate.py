@@ -43,6 +43,30 @@ CANDIDATE_STAGES = (
 """Stage names reported in the Table 2 style (candidate generation); other stages go to Table 3."""
 
 FINAL = "final"
+THRESHOLDS = "thresholds"
+"""Optional key of stages.json: ``{stage: operating threshold}``. A stage listed there holds every
+candidate with its probability; its table row is scored at that threshold and its FROC over all."""
+
+
+def load_thresholds(pred_dir: Path, subjects) -> dict[str, float]:
+    """The operating thresholds in the subjects' stages.json files (they must agree)."""
+    out: dict[str, float] = {}
+    for s in subjects:
+        sj = pred_dir / s / "stages.json"
+        if not sj.is_file():
+            continue
+        try:
+            d = json.loads(sj.read_text()).get(THRESHOLDS) or {}
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ConfigError(f"stages file {sj} is not a valid JSON object ({exc})") from exc
+        for k, v in d.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue  # e.g. the decision rule's name
+            if k in out and abs(out[k] - float(v)) > 1e-9:
+                raise ConfigError(f"subjects in {pred_dir} were predicted with different {k} thresholds "
+                                  f"({out[k]} and {v}): one model per evaluation")
+            out[k] = float(v)
+    return out
 
 
 def find_truth_file(truth_dir: Path, subject: str) -> Path | None:
@@ -91,6 +115,8 @@ def load_predictions(pred_dir: Path, subject: str) -> dict[str, list[dict]] | No
         if not isinstance(d, dict):
             raise ConfigError(f"stages file {sj} must map stage names to lists of candidates")
         for name, items in d.items():
+            if name == THRESHOLDS:
+                continue
             if name == FINAL:
                 raise ConfigError(f"stages file {sj} may not use the reserved stage name {FINAL!r}")
             stages[name] = [dict(x, kind=x.get("kind", "cmb")) for x in items]
@@ -115,11 +141,14 @@ def evaluate(pred_dir: Path, truth_dir: Path, *, threshold: float = 0.0) -> dict
                                    control=bool(t.get("control", False)), threshold=thr, kind=kind)
                 for sub, t in truth.items()]
 
+    stage_thr = load_thresholds(pred_dir, truth)
     for name in stage_names:
-        thr = threshold if name == FINAL else 0.0
+        thr = threshold if name == FINAL else stage_thr.get(name, 0.0)
         results = score(name, thr)
         s = M.summarise(results, froc_results=score(name, 0.0) if thr > 0 else None)
         s["table"] = "2" if name in CANDIDATE_STAGES else "3"
+        if name != FINAL and name in stage_thr:
+            s["operating_threshold"] = stage_thr[name]
         s["tp_plus_fp"] = s["counts"]["tp"] + s["counts"]["fp"]
         if name == FINAL:
             s["missed"] = M.missed_lesions(results)

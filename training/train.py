@@ -43,13 +43,24 @@ Decisions (documented in ``models/MODEL_CARD.md`` too):
 * **Thresholds.** ConvScreen: the highest threshold that keeps >= 99 % of the training positives.
   V-Net and ResNet: probability threshold maximising Youden's J on the validation set (also stored:
   the threshold for >= 95 % validation sensitivity).
+* **Decision (operating point).** What the product reports is chosen on the validation subjects
+  as a clinical operating point, not by Youden's J (which weighs a false positive among ~100
+  candidates per subject as little as a missed bleed): for each rule of
+  ``core.detect.detector.DECISION_RULES`` (V-Net, ResNet, mean of both) the threshold with the
+  highest validation sensitivity whose false positives per subject stay within ``--fp-budget``
+  (default 0.35, below the product's goal of 0.5 to leave room for cohort variance); the rule
+  with the highest sensitivity wins (ties: fewer false positives). Counted per validation
+  subject after the ConvScreen: TP = ``cmb`` candidates at or above the threshold (a ``cmb``
+  candidate lost by the screen is a miss), FP = negatives at or above it; ``cmb_duplicate``
+  candidates count as neither (inference merges them into their bleed). Written to
+  ``detector.json`` as ``decision``.
 
 CLI::
 
     python -m training.train --data DIR [DIR ...] --val DIR [DIR ...] --out models/
         [--model vnet|resnet|convscreen|all] [--epochs N] [--batch B] [--seed S] [--threads 2]
         [--lr 1e-3] [--neg-ratio 3] [--patience 5] [--val-max-neg 400] [--conv-input shape|frst]
-        [--readout 3] [--cyclegan CKPT --synthetic N]
+        [--readout 3] [--fp-budget 0.35] [--cyclegan CKPT --synthetic N]
 """
 
 from __future__ import annotations
@@ -358,6 +369,52 @@ def train_patch_model(kind: str, train: dict, val: dict, *, epochs: int = 20, ba
     return model, res
 
 
+def operating_point(labels: np.ndarray, prob: np.ndarray, n_subjects: int, fp_budget: float,
+                    screen: np.ndarray | None = None) -> dict:
+    """The threshold with the highest sensitivity whose false positives per subject stay within
+    ``fp_budget`` (see "Decision" in the module docstring); among equally sensitive thresholds the
+    lowest (most permissive) one. Returns threshold, sensitivity, fp_per_subject, tp, fn, fp."""
+    labels = np.asarray(labels).astype(str)
+    prob = np.asarray(prob, dtype=np.float64)
+    passed = np.ones(len(prob), bool) if screen is None else np.asarray(screen, bool)
+    pos = labels == "cmb"
+    neg = ~np.isin(labels, POSITIVE_LABELS)
+    n_pos = int(pos.sum())
+    if n_pos == 0 or n_subjects <= 0:
+        raise TrainingError("no validation microbleeds to choose an operating point on")
+    best = None
+    for t in np.unique(prob[passed & (pos | neg)])[::-1]:
+        tp = int(np.sum(pos & passed & (prob >= t)))
+        fp = int(np.sum(neg & passed & (prob >= t)))
+        if fp / n_subjects > fp_budget:
+            break  # lower thresholds only add false positives
+        if best is None or tp >= best["tp"]:
+            best = {"threshold": float(t), "tp": tp, "fp": fp}
+    if best is None:  # even the most confident negative exceeds the budget
+        best = {"threshold": float(np.nextafter(prob.max(), np.inf)), "tp": 0, "fp": 0}
+    best.update(fn=n_pos - best["tp"], sensitivity=best["tp"] / n_pos, fp_per_subject=best["fp"] / n_subjects,
+                n_subjects=int(n_subjects), fp_budget=float(fp_budget))
+    return best
+
+
+def choose_decision(labels: np.ndarray, probs: dict[str, np.ndarray], n_subjects: int, fp_budget: float,
+                    screen: np.ndarray | None = None) -> dict:
+    """Operating point of each decision rule on validation; the most sensitive rule wins."""
+    from core.detect.detector import DECISION_RULES, decision_probability
+
+    per_rule = {}
+    for rule in DECISION_RULES:
+        if rule != "vnet" and "resnet" not in probs:
+            continue
+        p = decision_probability(rule, probs["vnet"], probs.get("resnet"))
+        per_rule[rule] = operating_point(labels, p, n_subjects, fp_budget, screen)
+    rule = max(per_rule, key=lambda r: (per_rule[r]["sensitivity"], -per_rule[r]["fp_per_subject"]))
+    return {"rule": rule, "threshold": per_rule[rule]["threshold"],
+            "chosen_on": f"validation subjects after the ConvScreen: highest sensitivity with <= {fp_budget} "
+                         "FP/subject, most sensitive rule (training.train.choose_decision)",
+            "validation": per_rule}
+
+
 def evaluate_scores(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
     return {"auc": roc_auc(y, prob), **sens_spec(y, prob, threshold), "n": int(len(y)),
             "positives": int(np.sum(y > 0.5))}
@@ -396,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--readout", type=int, default=READOUT_RADIUS_VOX,
                     help="V-Net CMB logit = max of the segmentation logits within this many voxels of the "
                          "centre (-1: the paper's global max over the patch)")
+    ap.add_argument("--fp-budget", type=float, default=0.35,
+                    help="false positives per validation subject allowed at the operating point")
     ap.add_argument("--cyclegan", default=None, help="CycleGAN checkpoint (python -m training.cyclegan)")
     ap.add_argument("--synthetic", type=int, default=0, help="synthetic CMB patches to add (with --cyclegan)")
     a = ap.parse_args(argv)
@@ -450,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with torch.no_grad():
             pv = torch.sigmoid(cs(torch.from_numpy(conv_inputs(val["cubes"], detector["convscreen"]["input"])))).numpy()
         screen = pv >= detector["convscreen"]["threshold"]
+    val_probs: dict[str, np.ndarray] = {}
     for kind in ("vnet", "resnet"):
         if kind not in which:
             continue
@@ -461,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights[f"{kind}.pt"] = _sha256(path)
         t = time.perf_counter()
         prob = predict(model, kind, val["patches"], readout=readout)
+        val_probs[kind] = prob
         res["val_full_predict_seconds"] = time.perf_counter() - t
         thr = youden_threshold(val["y"], prob)
         thr95 = threshold_for_sensitivity(val["y"], prob, 0.95)
@@ -479,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         detector[kind] = entry
         tlog[kind] = res
         print(json.dumps({kind: {k: v for k, v in entry.items() if k != "parameters"}}), flush=True)
+    if "vnet" in val_probs:
+        detector["decision"] = choose_decision(val["labels"], val_probs, len(val["meta"]), a.fp_budget, screen)
+        print(json.dumps({"decision": detector["decision"]}), flush=True)
     detector["weights"] = {k: {"sha256": v} if isinstance(v, str) else v for k, v in weights.items()}
     detector["total_seconds"] = time.perf_counter() - t0
     tlog["threads"] = a.threads

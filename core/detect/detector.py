@@ -99,6 +99,20 @@ CONV_INPUT_MODES = ("shapes", "frst", "raw")
 READOUT_RADIUS_VOX = 3
 """V-Net readout: maximum of the segmentation logits over the central 7^3 voxels (see vnet_readout)."""
 REQUIRED_NETWORKS = ("convscreen", "vnet")
+DECISION_RULES = ("vnet", "resnet", "mean")
+"""How a ConvScreen survivor becomes a microbleed: the V-Net probability (the paper), the ResNet's,
+or the mean of the two (an ensemble; chosen when it does better on validation, see training.train)."""
+
+
+def decision_probability(rule: str, vnet_p: np.ndarray, resnet_p: np.ndarray | None) -> np.ndarray:
+    """The probability compared with the decision threshold under ``rule`` (DECISION_RULES)."""
+    if rule == "vnet":
+        return np.asarray(vnet_p, dtype=np.float64)
+    if resnet_p is None:
+        raise ConfigError(f"decision rule {rule!r} needs ResNet probabilities")
+    if rule == "resnet":
+        return np.asarray(resnet_p, dtype=np.float64)
+    return 0.5 * (np.asarray(vnet_p, dtype=np.float64) + np.asarray(resnet_p, dtype=np.float64))
 
 
 def normalise_patch(chi_patch_ppm: np.ndarray, scale_ppm: float = NORM_SCALE_PPM,
@@ -201,6 +215,15 @@ class DetectorConfig:
     batch_size: int = 16
     vnet_readout_radius: int | None = None
     stage1: Stage1Params = field(default_factory=Stage1Params)
+    decision_rule: str = "vnet"
+    decision_threshold: float | None = None  # None: the threshold of the rule's network
+
+    @property
+    def threshold(self) -> float:
+        """The probability a ConvScreen survivor needs under ``decision_rule`` to be a microbleed."""
+        if self.decision_threshold is not None:
+            return self.decision_threshold
+        return self.resnet_threshold if self.decision_rule == "resnet" else self.vnet_threshold
 
     @staticmethod
     def _from_training_format(d: dict, source: str) -> dict:
@@ -209,7 +232,7 @@ class DetectorConfig:
         keys above. ``clip(chi, -c, c) / s`` equals ``clip(chi / s, -c/s, c/s)``."""
         weights = d.get("weights") or {}
         out = {k: v for k, v in d.items() if k in ("patch_size", "stage1", "seg_threshold",
-                                                   "calcification_peak_ppm", "batch_size")}
+                                                   "calcification_peak_ppm", "batch_size", "decision")}
         nets = {}
         for name in NETWORK_CLASSES:
             f = f"{name}.pt"
@@ -254,6 +277,14 @@ class DetectorConfig:
         if bad:
             raise ConfigError(f"{source}: unknown stage1 settings {bad}")
         s1 = {k: tuple(v) if isinstance(v, list) else v for k, v in s1.items()}
+        decision = d.get("decision", {}) or {}
+        if not isinstance(decision, dict):
+            raise ConfigError(f"{source}: 'decision' must be an object with 'rule' and 'threshold'")
+        rule = str(decision.get("rule", "vnet"))
+        if rule not in DECISION_RULES:
+            raise ConfigError(f"{source}: decision rule must be one of {DECISION_RULES}, got {rule!r}")
+        if rule != "vnet" and "resnet" not in nets:
+            raise ConfigError(f"{source}: decision rule {rule!r} needs the resnet network under 'networks'")
         try:
             cfg = cls(
                 networks=nets,
@@ -270,6 +301,9 @@ class DetectorConfig:
                 vnet_readout_radius=(None if d.get("vnet_readout_radius") is None
                                      else int(d["vnet_readout_radius"])),
                 stage1=Stage1Params(**s1),
+                decision_rule=rule,
+                decision_threshold=(None if decision.get("threshold") is None
+                                    else float(decision["threshold"])),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source} has an invalid value ({exc})") from exc
@@ -290,10 +324,12 @@ class DetectionResult:
     stages: dict[str, list[dict]]
     timings_s: dict[str, float]
     segment_source: list[str] = field(default_factory=list)  # per finding, in findings order
+    thresholds: dict = field(default_factory=dict)  # decision rule and each stage's operating threshold
 
     def stages_json(self) -> dict:
-        """``stages.json`` for :mod:`training.evaluate`."""
-        return self.stages
+        """``stages.json`` for :mod:`training.evaluate`: the stage lists plus ``thresholds`` (the
+        operating point of each scored stage; the lists hold every candidate with its probability)."""
+        return {**self.stages, "thresholds": dict(self.thresholds)}
 
 
 def hit_radius_mm(diameter_mm: float) -> float:
@@ -417,6 +453,9 @@ class CMBDetector:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ConfigError(f"model file {f} cannot be loaded as the {name} network ({first})") from exc
             nets[name] = net
+        if cfg.decision_rule != "vnet" and "resnet" not in nets:
+            raise ConfigError(f"the decision rule {cfg.decision_rule!r} in {path} needs the ResNet weights "
+                              f"({cfg.networks['resnet']['file']}), which are missing")
         return cls(cfg, nets, device)
 
     # ---------------------------------------------------------------- networks
@@ -461,9 +500,11 @@ class CMBDetector:
 
         ``stages``: ``stage1`` (paramagnetic candidates; no probability, their FRST ``score`` is
         given instead, so :mod:`training.evaluate` counts each as a positive), ``conv`` (ConvScreen survivors with
-        their ConvScreen probability), ``vnet`` (V-Net kept, V-Net probability), ``resnet`` (when
-        its weights exist and ``with_resnet``: ResNet on the ConvScreen survivors, kept at
-        ``resnet_threshold``).
+        their ConvScreen probability), ``vnet`` (every survivor with its V-Net probability),
+        ``resnet`` (likewise, when its weights exist and ``with_resnet`` or the decision rule uses
+        it), ``decision`` (every survivor with the probability of the decision rule). A microbleed
+        is a survivor whose decision probability reaches ``config.threshold``; each stage's operating
+        threshold is in ``DetectionResult.thresholds``.
         Centres are the candidates' voxel centres in LPS mm.
 
         ``timings_s``: ``stage1_s`` (with stage I's own split as ``stage1_<step>``), ``conv_s``,
@@ -512,16 +553,22 @@ class CMBDetector:
         v_logit, v_prob = self._forward("vnet", patches[:, None])
         v_p = _sigmoid(v_logit)
         tm["vnet_s"] = time.perf_counter() - t
-        kept = np.flatnonzero(v_p >= cfg.vnet_threshold)
-        stages["vnet"] = entries(surv[kept], v_p[kept])
-
-        if with_resnet and "resnet" in self.networks:
+        r_p = None
+        if (with_resnet or cfg.decision_rule != "vnet") and "resnet" in self.networks:
             t = time.perf_counter()
             r_logit, _ = self._forward("resnet", patches[:, None])
             r_p = _sigmoid(r_logit)
-            rk = r_p >= cfg.resnet_threshold
-            stages["resnet"] = entries(surv[rk], r_p[rk])
             tm["resnet_s"] = time.perf_counter() - t
+        # every survivor with each network's probability: the FROC of each is computed from these
+        stages["vnet"] = entries(surv, v_p)
+        if r_p is not None:
+            stages["resnet"] = entries(surv, r_p)
+        d_p = decision_probability(cfg.decision_rule, v_p, r_p)
+        stages["decision"] = entries(surv, d_p)
+        thresholds = {"conv": cfg.conv_threshold, "vnet": cfg.vnet_threshold, "decision": cfg.threshold}
+        if r_p is not None:
+            thresholds["resnet"] = cfg.resnet_threshold
+        kept = np.flatnonzero(d_p >= cfg.threshold)
 
         # segments -> measured detections
         t = time.perf_counter()
@@ -536,7 +583,7 @@ class CMBDetector:
             else:
                 source = "stage1"
                 sl, reg = _half_max_region(chi, ci, spacing)
-            dets.append(dict(kind="cmb", sl=sl, region=reg & mask[sl], probability=float(v_p[m]),
+            dets.append(dict(kind="cmb", sl=sl, region=reg & mask[sl], probability=float(d_p[m]),
                              source=source, voxel=ci))
         neg = -chi
         for i in dia:
@@ -548,7 +595,8 @@ class CMBDetector:
         findings, sources = self._assemble(dets, chi, geometry, study_instance_uid, algorithm_version)
         tm["segment_s"] = time.perf_counter() - t
         tm["total_s"] = time.perf_counter() - t_all
-        return DetectionResult(findings, stages, {k: round(v, 4) for k, v in tm.items()}, sources)
+        return DetectionResult(findings, stages, {k: round(v, 4) for k, v in tm.items()}, sources,
+                               {"rule": cfg.decision_rule, **thresholds})
 
     def _assemble(self, dets: list[dict], chi: np.ndarray, geometry: Geometry, uid: str, version: str
                   ) -> tuple[StudyFindings, list[str]]:

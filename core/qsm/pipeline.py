@@ -60,6 +60,12 @@ RESIDUAL_MAX_RAD = 0.5
 RELIABLE_ERODE_MM = 2.0
 INPAINT_LESION_HOLES = True
 LESION_HOLE_MAX_MM = 12.0  # enclosed holes up to this sphere diameter are filled back (microbleeds)
+# STAR-QSM's data term is weighted by the field's reliability (see field_weights): the
+# magnitude-weighted echo fit gives the field a noise standard deviation proportional to
+# 1 / sqrt(sum_e m_e^2 TE_e^2), so W = sqrt(sum_e m_e^2 TE_e^2) (normalised) is the inverse noise
+# level, as in MEDI's data weighting; inpainted lesion holes get W = 0 (their field is invented).
+DATA_WEIGHTING = True
+WEIGHT_NORM_PERCENTILE = 90.0
 
 
 @dataclass
@@ -103,6 +109,25 @@ def _validate(
         raise ReconstructionError("phase or magnitude images contain NaN or infinite values")
     if float(np.ptp(phase)) < 1e-6:
         raise ReconstructionError("phase images are constant (no phase information); check the phase series")
+
+
+def field_weights(weights: np.ndarray, dte_s: Sequence[float], mask: np.ndarray,
+                  holes: np.ndarray | None = None) -> np.ndarray:
+    """Data weight ``W`` for the inversion: ``sqrt(sum_e w_e^2 dTE_e^2)`` (the inverse noise level of
+    the weighted least-squares field fit), divided by its ``WEIGHT_NORM_PERCENTILE`` inside ``mask``
+    and clipped to [0, 1]; zero outside ``mask`` and inside ``holes``."""
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim == 3:
+        w = w[None]
+    dte = np.asarray(dte_s, dtype=np.float32).reshape(-1, 1, 1, 1)
+    W = np.sqrt(np.sum((w * dte) ** 2, axis=0))
+    keep = mask if holes is None else (mask & ~holes)
+    if not keep.any():
+        return np.zeros(mask.shape, dtype=np.float32)
+    ref = float(np.percentile(W[keep], WEIGHT_NORM_PERCENTILE))
+    if not np.isfinite(ref) or ref <= 0:
+        return keep.astype(np.float32)
+    return np.where(keep, np.clip(W / ref, 0.0, 1.0), 0.0).astype(np.float32)
 
 
 def trim_dark_edge(mask: np.ndarray, magnitude: np.ndarray, spacing: Sequence[float],
@@ -246,6 +271,7 @@ def reconstruct(
     timings["echo_fit"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    holes = None
     if unwrap_method == "temporal":
         vmask = reliable_mask(mask_box, mag[-1], spacing, residual)
         holes = lesion_holes(mask_box, mag[-1], spacing, residual) & vmask
@@ -258,7 +284,8 @@ def reconstruct(
 
     t = time.perf_counter()
     if method == "star":
-        chi = star_qsm(local, eroded, spacing, b0, device=device)
+        w = field_weights(weights, dte, eroded, holes) if DATA_WEIGHTING else None
+        chi = star_qsm(local, eroded, spacing, b0, device=device, weights=w)
     else:
         chi = tkd(local, eroded, spacing, b0, device=device)
     chi = np.where(eroded, chi - chi[eroded].mean(), 0.0).astype(np.float32)

@@ -83,14 +83,17 @@ def sparsa_l1(
     memory: int = 5,
     sigma: float = 1e-5,
 ) -> tuple[torch.Tensor, SparsaReport]:
-    """Solve ``min 1/2 ||M (target - A x)||^2 + tau ||x||_1`` with ``x = 0`` outside M, from ``x = 0``."""
+    """Solve ``min 1/2 ||W (target - A x)||^2 + tau ||x||_1`` with ``x = 0`` outside M, from ``x = 0``
+    (``W**2 = prob.fidelity``: the mask, or the data weights inside it)."""
     m = prob.mask
+    dw = prob.fidelity
+    lip = LIPSCHITZ * float(dw.max())
     x = torch.zeros_like(target)
     ax = torch.zeros_like(target)
-    r = m * (ax - target)
+    r = dw * (ax - target)
     grad = prob.forward(r)
-    obj = [0.5 * float(torch.sum(r * r))]
-    alpha = LIPSCHITZ
+    obj = [0.5 * float(torch.sum(r * (ax - target)))]
+    alpha = lip
     rel = float("inf")
     it = 0
     for it in range(1, max_iter + 1):
@@ -100,17 +103,18 @@ def sparsa_l1(
             s = x_new - x
             ss = float(torch.sum(s * s))
             ax_new = prob.forward(x_new)
-            r_new = m * (ax_new - target)
-            o = 0.5 * float(torch.sum(r_new * r_new)) + tau * float(torch.sum(x_new.abs()))
-            if o <= ref - 0.5 * sigma * alpha * ss or alpha >= LIPSCHITZ:
+            d_new = ax_new - target
+            r_new = dw * d_new
+            o = 0.5 * float(torch.sum(r_new * d_new)) + tau * float(torch.sum(x_new.abs()))
+            if o <= ref - 0.5 * sigma * alpha * ss or alpha >= lip:
                 break
-            alpha = min(2.0 * alpha, LIPSCHITZ)
+            alpha = min(2.0 * alpha, lip)
         obj.append(o)
         xn = float(torch.sqrt(torch.sum(x_new * x_new)))
         rel = float(np.sqrt(ss)) / xn if xn > 0 else 0.0
-        mas = m * (ax_new - ax)
-        alpha = float(torch.sum(mas * mas)) / ss if ss > 0 else LIPSCHITZ
-        alpha = min(max(alpha, alpha_min), LIPSCHITZ)
+        das = ax_new - ax
+        alpha = float(torch.sum(dw * das * das)) / ss if ss > 0 else lip
+        alpha = min(max(alpha, alpha_min), lip)
         x, ax, r = x_new, ax_new, r_new
         if rel < tol or ss == 0:
             return x, SparsaReport(it, True, rel, obj)
@@ -131,12 +135,14 @@ def star_qsm(
     pad_mm: float = 8.0,
     device=None,
     reports: list | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Susceptibility (ppm) by eqs. (1)-(2), zero outside ``mask``; not referenced (caller does that).
 
     ``reports``, when given a list, receives the two :class:`SparsaReport` objects.
     """
-    prob = DipoleProblem.build(local_field_ppm, mask, spacing_mm, b0_direction, pad_mm=pad_mm, device=device)
+    prob = DipoleProblem.build(local_field_ppm, mask, spacing_mm, b0_direction, pad_mm=pad_mm, device=device,
+                               weights=weights)
     chi_l, rep1 = sparsa_l1(prob, prob.field, tau_large, max_iter=max_iter[0], tol=tol[0])
     residual = prob.field - prob.forward(chi_l) * prob.mask
     chi_s, rep2 = sparsa_l1(prob, residual, tau_small, max_iter=max_iter[1], tol=tol[1])

@@ -41,6 +41,12 @@ class DipoleProblem:
     crop: tuple[slice, ...]  # padded -> box
     box: tuple[slice, ...]  # box -> full volume
     full_shape: tuple[int, int, int]
+    data_weight: torch.Tensor | None = None  # padded W**2 for a weighted data term (None: the mask)
+
+    @property
+    def fidelity(self) -> torch.Tensor:
+        """Per-voxel weight of the squared field residual: ``W**2`` inside the mask (default 1)."""
+        return self.mask if self.data_weight is None else self.data_weight
 
     @classmethod
     def build(
@@ -52,7 +58,10 @@ class DipoleProblem:
         *,
         pad_mm: float = 16.0,
         device=None,
+        weights: np.ndarray | None = None,
     ) -> "DipoleProblem":
+        """``weights`` (optional, >= 0, same shape): the data term's per-voxel weight ``W`` (its
+        square multiplies the squared residual); zero outside ``mask`` whatever is passed."""
         dev = resolve_device(device)
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != np.shape(local_field_ppm):
@@ -66,7 +75,15 @@ class DipoleProblem:
         ft, crop = pad_to(torch.as_tensor(f, device=dev), pshape)
         mt, _ = pad_to(torch.as_tensor(mask[box].astype(np.float32), device=dev), pshape)
         d = dipole_kernel(pshape, spacing_mm, b0_direction, half=True, device=dev)
-        return cls(ft, mt, d, pshape, crop, box, tuple(mask.shape))
+        dw = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float32)
+            if w.shape != mask.shape:
+                raise ReconstructionError("data weights and mask have different shapes")
+            if not np.all(np.isfinite(w[mask])) or (w[mask] < 0).any():
+                raise ReconstructionError("data weights must be finite and non-negative")
+            dw, _ = pad_to(torch.as_tensor(np.where(mask, w * w, 0.0).astype(np.float32)[box], device=dev), pshape)
+        return cls(ft, mt, d, pshape, crop, box, tuple(mask.shape), dw)
 
     def forward(self, chi: torch.Tensor) -> torch.Tensor:
         """Field (ppm) of ``chi`` (ppm) on the padded grid: ``IFFT[D FFT chi]`` (self-adjoint)."""

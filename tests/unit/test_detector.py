@@ -146,12 +146,15 @@ def test_random_networks_end_to_end(scene, tmp_path) -> None:
     for f in sf.microbleeds:
         assert _nearest(f.centre_voxel, BRIGHT) <= 2.0, f  # stage I region or V-Net segment
         assert 0.0 <= f.probability <= 1.0
-    assert set(res.stages) == {"stage1", "conv", "vnet", "resnet"}
+    assert set(res.stages) == {"stage1", "conv", "vnet", "resnet", "decision"}
     assert len(res.stages["stage1"]) == len(res.stages["conv"]) == len(res.stages["vnet"]) == 2
+    assert res.thresholds["rule"] == "vnet" and res.thresholds["decision"] == 0.0
+    assert [e["probability"] for e in res.stages["decision"]] == [e["probability"] for e in res.stages["vnet"]]
     assert all(k in res.timings_s for k in ("stage1_s", "conv_s", "vnet_s", "resnet_s", "segment_s", "total_s"))
     json.dumps(sf.to_json())  # serialisable
     plain = det.detect(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
     assert "resnet" not in plain.stages and "resnet_s" not in plain.timings_s  # type: ignore[attr-defined]
+    assert json.loads(json.dumps(res.stages_json()))["thresholds"]["vnet"] == 0.0
     assert [f.to_json() for f in plain.findings] == [f.to_json() for f in sf.findings]  # deterministic
     assert json.loads(json.dumps(res.stages_json()))["vnet"][0]["centre_lps_mm"]
 
@@ -172,6 +175,37 @@ def test_threshold_vnet_segments_spheres(scene, tmp_path) -> None:
         assert f.mean_chi_ppm == pytest.approx(1.0)
         assert f.probability > 0.99
     assert [f.kind for f in sf.mimics] == ["calcification"]
+
+
+def test_decision_rule_mean_of_vnet_and_resnet(scene, tmp_path) -> None:
+    """Rule "mean": a survivor is a microbleed when (V-Net p + ResNet p) / 2 reaches the decision
+    threshold; the findings carry that probability, the stage lists keep every survivor."""
+    chi, mask, geom = scene
+    d = _save_models(tmp_path / "m", _threshold_vnet(), vnet_threshold=0.5)
+    cfg = json.loads((d / "detector.json").read_text())
+    det = CMBDetector.load(d)
+    res = det.detect_stages(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
+    v = np.array([e["probability"] for e in res.stages["vnet"]])
+    r = np.array([e["probability"] for e in res.stages["resnet"]])
+    mean = 0.5 * (v + r)
+    for thr, expect in ((float(mean.min()) - 1e-6, 2), (float(mean.max()) + 1e-6, 0)):
+        cfg["decision"] = {"rule": "mean", "threshold": thr}
+        (d / "detector.json").write_text(json.dumps(cfg))
+        det = CMBDetector.load(d)
+        assert det.config.threshold == thr
+        out = det.detect_stages(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t", with_resnet=False)
+        assert "resnet" in out.stages  # the rule needs it even when the comparator is not asked for
+        np.testing.assert_allclose([e["probability"] for e in out.stages["decision"]], mean, atol=1e-6)
+        assert len(out.findings.microbleeds) == expect
+        for f in out.findings.microbleeds:
+            assert f.probability == pytest.approx(float(mean.max() if f.probability > mean.min() + 1e-9 else mean.min()), abs=1e-6)
+    (d / "resnet.pt").unlink()
+    with pytest.raises(ConfigError, match="needs the ResNet weights"):
+        CMBDetector.load(d)
+    cfg["decision"] = {"rule": "vote", "threshold": 0.5}
+    (d / "detector.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="decision rule must be one of"):
+        CMBDetector.load(d)
 
 
 def test_negative_sphere_never_a_microbleed(scene, tmp_path) -> None:

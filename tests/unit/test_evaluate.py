@@ -106,3 +106,22 @@ def test_threshold_and_real_data_flag(tmp_path):
 def test_missing_folders_are_refused(tmp_path, capsys):
     assert E.main(["--predictions", str(tmp_path / "nope"), "--truth", str(tmp_path)]) == 2
     assert "no <subject>/truth" in capsys.readouterr().err
+
+
+def test_stage_operating_thresholds(tmp_path):
+    """stages.json "thresholds": that stage's row is scored at its threshold, its FROC over all."""
+    pred, truth = _cohort(tmp_path)
+    sj = pred / "sub-000" / "stages.json"
+    d = json.loads(sj.read_text())
+    d["thresholds"] = {"rule": "vnet", "vnet": 0.7}
+    sj.write_text(json.dumps(d))
+    r = E.evaluate(pred, truth)
+    v = r["stages"]["vnet"]
+    assert v["operating_threshold"] == 0.7
+    assert (v["counts"]["tp"], v["counts"]["fp"]) == (1, 0)  # the 0.6 candidate on the calcification is below it
+    assert v["froc"]["n_thresholds"] == 2  # 0.9 and 0.6: the curve still spans both
+    assert "operating_threshold" not in r["stages"]["stage1"]
+    # two subjects predicted with different thresholds: refused, one model per evaluation
+    (pred / "sub-002" / "stages.json").write_text(json.dumps({"stage1": [], "thresholds": {"vnet": 0.5}}))
+    with pytest.raises(E.ConfigError, match="different vnet thresholds"):
+        E.evaluate(pred, truth)

@@ -10,8 +10,9 @@ import torch
 from core.detect.vnet import VNet
 from training.augment import PatchAugmenter
 from training.dataset import write_shard
-from training.train import (load_shards, main, normalise_patches, predict, roc_auc, sens_spec,
-                            threshold_for_sensitivity, youden_threshold)
+from core.detect.detector import CMBDetector
+from training.train import (choose_decision, load_shards, main, normalise_patches, operating_point, predict,
+                            roc_auc, sens_spec, threshold_for_sensitivity, youden_threshold)
 
 S = 32
 
@@ -77,6 +78,28 @@ def test_metrics_on_known_numbers():
     assert youden_threshold(y, s) == pytest.approx(0.35)
     assert youden_threshold(y, s + (y == 1) * 0.5) == pytest.approx(0.85)
     assert np.allclose(normalise_patches(np.array([-5.0, 0.5, 7.0])), [-3.0, 0.5, 3.0])
+
+
+def test_operating_point_counts_per_subject_within_budget():
+    labels = np.array(["cmb", "cmb", "cmb", "cmb_duplicate", "other", "vessel", "other", "other"])
+    prob = np.array([0.9, 0.8, 0.3, 0.95, 0.85, 0.7, 0.2, 0.1])
+    # 2 subjects, budget 0.5 FP/subject -> at most 1 FP: thresholds down to 0.7 add the 0.85 FP, 0.7 adds a 2nd
+    op = operating_point(labels, prob, n_subjects=2, fp_budget=0.5)
+    assert (op["threshold"], op["tp"], op["fp"], op["fn"]) == (0.8, 2, 1, 1)
+    assert op["sensitivity"] == pytest.approx(2 / 3) and op["fp_per_subject"] == 0.5
+    # a larger budget reaches the third bleed; the duplicate counts as neither TP nor FP
+    op = operating_point(labels, prob, n_subjects=2, fp_budget=1.0)
+    assert (op["threshold"], op["tp"], op["fp"]) == (0.3, 3, 2)
+    # a candidate the ConvScreen dropped is a miss whatever its probability
+    screen = np.array([True, False, True, True, True, True, True, True])
+    op = operating_point(labels, prob, n_subjects=2, fp_budget=0.5, screen=screen)
+    assert (op["tp"], op["fn"]) == (1, 2)
+    # the mean of two networks wins when it separates better than either
+    v = np.array([0.9, 0.4, 0.6, 0.9, 0.7, 0.1, 0.1, 0.1])
+    r = np.array([0.4, 0.9, 0.6, 0.9, 0.1, 0.7, 0.1, 0.1])
+    dec = choose_decision(labels, {"vnet": v, "resnet": r}, n_subjects=2, fp_budget=0.0)
+    assert dec["rule"] == "mean" and dec["validation"]["mean"]["tp"] == 3
+    assert dec["validation"]["vnet"]["tp"] == 1 and dec["validation"]["resnet"]["tp"] == 1
 
 
 def test_load_shards_excludes_diamagnetic(shards):
@@ -158,3 +181,9 @@ def test_train_cli_learns_and_writes_models(shards, tmp_path):
     assert roc_auc(va_d["y"], prob) == pytest.approx(det["vnet"]["val_all"]["auc"])
     assert sens_spec(va_d["y"], prob, det["vnet"]["threshold"])["sensitivity"] == pytest.approx(
         det["vnet"]["val_all"]["sensitivity"])
+    # the operating point is in detector.json and the product's detector reads it
+    dec = det["decision"]
+    assert dec["rule"] in dec["validation"] and dec["threshold"] == dec["validation"][dec["rule"]]["threshold"]
+    assert all(v["fp_per_subject"] <= 0.35 for v in dec["validation"].values())
+    cfg = CMBDetector.load(out).config
+    assert cfg.decision_rule == dec["rule"] and cfg.threshold == pytest.approx(dec["threshold"])
