@@ -2,8 +2,10 @@
 
     QSM (ppm) --stage I (core.detect.stage1)--> paramagnetic + diamagnetic candidates
       paramagnetic --ConvScreen on 7x7x7 FRST cubes, p >= conv_threshold--> survivors
-      survivors --V-Net on 32^3 QSM patches (normalise_patch), p = sigmoid(max seg logit)
-                  >= vnet_threshold--> microbleeds, each segmented (V-Net sigmoid > 0.5)
+      survivors --V-Net on 32^3 QSM patches (normalise_patch), p = sigmoid(central seg logit);
+                  ResNet on the same patches when the decision rule uses it
+                  --decision probability (V-Net p, ResNet p or their mean) >= decision threshold-->
+                  microbleeds, each segmented (V-Net sigmoid > 0.5)
       diamagnetic with peak chi < calcification_peak_ppm --> calcification mimics (never cmb)
       --> non-maximum suppression, label map without overlaps --> :class:`StudyFindings`
 
@@ -21,6 +23,8 @@ the only definitions of the networks' input transforms, and training imports the
       "conv_threshold": 0.5,                    # on sigmoid(ConvScreen logit) [0.5]
       "vnet_threshold": 0.5,                    # on sigmoid(V-Net cls logit) [0.5]
       "resnet_threshold": 0.5,                  # on sigmoid(ResNet logit), stages only [0.5]
+      "decision": {"rule": "mean", "threshold": 0.4},   # DECISION_RULES; threshold [the rule's
+                                                # network threshold]; rule [vnet, the paper's]
       "seg_threshold": 0.5,                     # V-Net voxel probability for the segment [0.5]
       "calcification_peak_ppm": -0.3,           # diamagnetic peak below this -> calcification [-0.3]
       "batch_size": 16,                         # patches per forward pass [16]
