@@ -85,6 +85,7 @@ from scipy import ndimage
 
 from core.detect import DetectionError
 from core.detect.candidates import ConvScreen, cube_shapes
+from core.detect.handcrafted import component_features, passes_handcrafted
 from core.detect.resnet import ResNet3D
 from core.detect.stage1 import Candidates, Stage1Params, detect_candidates
 from core.detect.vnet import PATCH_SIZE, VNet
@@ -104,6 +105,9 @@ READOUT_RADIUS_VOX = 3
 """V-Net readout: maximum of the segmentation logits over the central 7^3 voxels (see vnet_readout)."""
 REQUIRED_NETWORKS = ("convscreen", "vnet")
 DECISION_RULES = ("vnet", "resnet", "mean")
+HANDCRAFTED_REGION_MM = 10.0
+"""Radius of the half-maximum region the hand-crafted baseline measures (volume, length, FA): wide
+enough that a vein shows its length beyond the 10 mm length limit."""
 """How a ConvScreen survivor becomes a microbleed: the V-Net probability (the paper), the ResNet's,
 or the mean of the two (an ensemble; chosen when it does better on validation, see training.train)."""
 
@@ -359,10 +363,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
-def _half_max_region(chi_s: np.ndarray, c: np.ndarray, spacing: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+def _half_max_region(chi_s: np.ndarray, c: np.ndarray, spacing: np.ndarray, radius_mm: float = 6.0
+                     ) -> tuple[tuple[slice, ...], np.ndarray]:
     """Stage I's lesion region (see module docstring) around voxel ``c`` of ``chi_s`` (polarity
-    made positive): (box, bool mask of the box)."""
-    half = np.maximum(np.ceil(7.0 / spacing).astype(int), 2)
+    made positive), within ``radius_mm`` of it: (box, bool mask of the box)."""
+    half = np.maximum(np.ceil(max(7.0, radius_mm + 1.0) / spacing).astype(int), 2)
     sl = tuple(slice(max(int(ci) - h, 0), min(int(ci) + h + 1, n)) for ci, h, n in zip(c, half, chi_s.shape))
     sub = chi_s[sl]
     lc = [int(ci) - s.start for ci, s in zip(c, sl)]
@@ -374,7 +379,7 @@ def _half_max_region(chi_s: np.ndarray, c: np.ndarray, spacing: np.ndarray) -> t
     near = r <= 1.01 * float(spacing.max())
     pk = np.unravel_index(int(np.argmax(np.where(near, sub, -np.inf))), sub.shape)
     level = bg + 0.5 * (float(sub[pk]) - bg)
-    lab, _ = ndimage.label((sub >= level) & (r <= 6.0), structure=np.ones((3, 3, 3), bool))
+    lab, _ = ndimage.label((sub >= level) & (r <= radius_mm), structure=np.ones((3, 3, 3), bool))
     region = lab == lab[pk] if lab[pk] > 0 else np.zeros(sub.shape, bool)
     region[pk] = True
     return sl, region
@@ -506,7 +511,11 @@ class CMBDetector:
         given instead, so :mod:`training.evaluate` counts each as a positive), ``conv`` (ConvScreen survivors with
         their ConvScreen probability), ``vnet`` (every survivor with its V-Net probability),
         ``resnet`` (likewise, when its weights exist and ``with_resnet`` or the decision rule uses
-        it), ``decision`` (every survivor with the probability of the decision rule). A microbleed
+        it), ``decision`` (every survivor with the probability of the decision rule),
+        ``handcrafted`` (with ``with_resnet``, i.e. when the comparators are asked for: the stage I
+        candidates that pass the paper's hand-crafted volume / length / FA rule,
+        :mod:`core.detect.handcrafted`, measured on the half-maximum region within
+        ``HANDCRAFTED_REGION_MM``). A microbleed
         is a survivor whose decision probability reaches ``config.threshold``; each stage's operating
         threshold is in ``DetectionResult.thresholds``.
         Centres are the candidates' voxel centres in LPS mm.
@@ -540,6 +549,14 @@ class CMBDetector:
         stages: dict[str, list[dict]] = {
             "stage1": [{"centre_lps_mm": [round(float(v), 3) for v in cand.lps_mm[i]],
                         "score": round(float(cand.score[i]), 6)} for i in para]}
+
+        if with_resnet:  # comparators requested: the paper's hand-crafted baseline on the same candidates
+            t = time.perf_counter()
+            hc = [i for i in para if passes_handcrafted(component_features(
+                _half_max_region(chi, cand.voxel[i], spacing, HANDCRAFTED_REGION_MM)[1], spacing))[2]]
+            stages["handcrafted"] = [{"centre_lps_mm": [round(float(v), 3) for v in cand.lps_mm[i]],
+                                      "score": round(float(cand.score[i]), 6)} for i in hc]
+            tm["handcrafted_s"] = time.perf_counter() - t
 
         # ConvScreen
         t = time.perf_counter()

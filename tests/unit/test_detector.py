@@ -146,7 +146,9 @@ def test_random_networks_end_to_end(scene, tmp_path) -> None:
     for f in sf.microbleeds:
         assert _nearest(f.centre_voxel, BRIGHT) <= 2.0, f  # stage I region or V-Net segment
         assert 0.0 <= f.probability <= 1.0
-    assert set(res.stages) == {"stage1", "conv", "vnet", "resnet", "decision"}
+    assert set(res.stages) == {"stage1", "conv", "vnet", "resnet", "decision", "handcrafted"}
+    # the hand-crafted rule keeps the two round bright spheres (volume, length and FA all small)
+    assert len(res.stages["handcrafted"]) == 2 and "handcrafted_s" in res.timings_s
     assert len(res.stages["stage1"]) == len(res.stages["conv"]) == len(res.stages["vnet"]) == 2
     assert res.thresholds["rule"] == "vnet" and res.thresholds["decision"] == 0.0
     assert [e["probability"] for e in res.stages["decision"]] == [e["probability"] for e in res.stages["vnet"]]
