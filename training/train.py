@@ -650,6 +650,14 @@ def write_model_card(out_dir: str, machine: str = "") -> str:
                 lines.append(f"| {kind} after ConvScreen (Youden thr.) | {_fmt(v['auc'])} | {_fmt(v['threshold'])} | "
                              f"{_fmt(v['sensitivity'])} | {_fmt(v['specificity'])} | {v['tp']} | {v['fn']} | "
                              f"{v['tn']} | {v['fp']} |")
+    if "decision" in det:
+        dec = det["decision"]
+        lines += ["", "## Operating point (what the product reports)", "",
+                  f"Rule **{dec['rule']}** at probability >= {_fmt(dec['threshold'])}; chosen on {dec['chosen_on']}.", "",
+                  "| rule | threshold | TP | FN | FP | sensitivity | FP / subject |", "|---|---|---|---|---|---|---|"]
+        for rule, v in dec["validation"].items():
+            lines.append(f"| {rule} | {_fmt(v['threshold'])} | {v['tp']} | {v['fn']} | {v['fp']} | "
+                         f"{_fmt(v['sensitivity'])} | {_fmt(v['fp_per_subject'], 2)} |")
     lines += ["", "Thresholds were chosen on this validation set, so these figures are optimistic; a held-out "
               "test set is the evaluation's job (`training.evaluate`).", "", "## Weights (sha256)", ""]
     for f, h in det.get("weights", {}).items():
