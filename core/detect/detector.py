@@ -499,7 +499,7 @@ class CMBDetector:
                                  algorithm_version=algorithm_version, with_resnet=with_resnet)
         sf = res.findings
         sf.timings_s = res.timings_s  # type: ignore[attr-defined]
-        sf.stages = res.stages  # type: ignore[attr-defined]
+        sf.stages = res.stages_json()  # type: ignore[attr-defined]
         return sf
 
     def detect_stages(self, chi_ppm: np.ndarray, brain_mask: np.ndarray, geometry: Geometry, *,

@@ -109,7 +109,9 @@ def test_operators_write_findings_and_dicom(case) -> None:
     np.testing.assert_allclose([f.centre_lps_mm for f in back.findings], [f.centre_lps_mm for f in sf.findings],
                                atol=1e-3)
     stages = json.loads((out_dir / "stages.json").read_text())
-    assert set(stages) == {"stage1", "conv", "vnet"} and len(stages["vnet"]) >= len(sf.microbleeds)
+    base = {"stage1", "conv", "vnet", "decision", "thresholds"}
+    assert base <= set(stages) <= base | {"resnet"} and len(stages["decision"]) >= len(sf.microbleeds)
+    assert sum(e["probability"] >= stages["thresholds"]["decision"] for e in stages["decision"]) >= len(sf.microbleeds)
     assert json.loads((out_dir / "detection.json").read_text())["seconds"]["vnet_s"] >= 0
     summary = json.loads((out_dir / "cmb_summary.json").read_text())
     assert str(len(sf.microbleeds)) in (out_dir / "cmb_summary.txt").read_text()

@@ -156,6 +156,7 @@ def test_random_networks_end_to_end(scene, tmp_path) -> None:
     json.dumps(sf.to_json())  # serialisable
     plain = det.detect(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
     assert "resnet" not in plain.stages and "resnet_s" not in plain.timings_s  # type: ignore[attr-defined]
+    assert plain.stages["thresholds"]["rule"] == "vnet"  # type: ignore[attr-defined]
     assert json.loads(json.dumps(res.stages_json()))["thresholds"]["vnet"] == 0.0
     assert [f.to_json() for f in plain.findings] == [f.to_json() for f in sf.findings]  # deterministic
     assert json.loads(json.dumps(res.stages_json()))["vnet"][0]["centre_lps_mm"]
