@@ -33,28 +33,15 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench import median_seconds  # noqa: E402
 from core.detect.detector import CMBDetector  # noqa: E402
 from core.detect.frst import frst_3d  # noqa: E402
 from core.detect.stage1 import Stage1Params, frst_25d_geomean  # noqa: E402
+from core.qsm._fft import mask_bbox  # noqa: E402
 from core.qsm.pipeline import reconstruct  # noqa: E402
 from training.sim.phantom import DEFAULT_ECHO_TIMES_S, simulate_subject  # noqa: E402
 
 STAGE_KEYS = ("stage1_s", "conv_s", "vnet_s", "resnet_s", "segment_s", "total_s")
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    lo, hi = idx.min(0), idx.max(0) + 1
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-def _median_time(fn, repeat: int) -> float:
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def bench_subject(seed: int, voxel_mm: float, detector: CMBDetector, repeat: int) -> dict:
@@ -71,12 +58,12 @@ def bench_subject(seed: int, voxel_mm: float, detector: CMBDetector, repeat: int
     stage_s["stage2_s"] = round(stage_s["conv_s"] + stage_s["vnet_s"] + stage_s["resnet_s"]
                                 + stage_s["segment_s"], 3)
     p = Stage1Params()
-    box = _bbox(qsm.mask)
+    box = mask_bbox(qsm.mask, (0, 0, 0))
     chi_box = np.ascontiguousarray(qsm.chi_ppm[box])
     sp = study.geometry.spacing
     frst = {
-        "frst_25d_s": round(_median_time(lambda: frst_25d_geomean(chi_box, sp, p.radii_mm, p.alpha, p.beta), repeat), 3),
-        "frst_3d_s": round(_median_time(lambda: frst_3d(chi_box, sp, p.radii_mm, p.alpha, p.beta), repeat), 3),
+        "frst_25d_s": round(median_seconds(lambda: frst_25d_geomean(chi_box, sp, p.radii_mm, p.alpha, p.beta), repeat), 3),
+        "frst_3d_s": round(median_seconds(lambda: frst_3d(chi_box, sp, p.radii_mm, p.alpha, p.beta), repeat), 3),
         "box_shape": list(chi_box.shape),
     }
     return {"seed": seed, "shape": list(study.geometry.shape), "voxel_mm": voxel_mm,

@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import median_seconds  # noqa: E402
 from core.dicom.reader import load_gre  # noqa: E402
 from core.report import write_reports  # noqa: E402
 from core.report.demo import findings_from_truth  # noqa: E402
@@ -31,15 +30,6 @@ from core.report.sr import write_sr  # noqa: E402
 from core.report.summary import clinical_summary  # noqa: E402
 from training.sim.dicom_writer import write_study  # noqa: E402
 from training.sim.phantom import simulate_subject  # noqa: E402
-
-
-def _median_s(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times), 4)
 
 
 def main(argv=None) -> int:
@@ -66,12 +56,12 @@ def main(argv=None) -> int:
             "n_microbleeds": len(findings.microbleeds),
             "n_mimics": len(findings.mimics),
             "repeat": args.repeat,
-            "seg_s": _median_s(lambda: write_seg(findings, gre, tmp / "seg", v), args.repeat),
-            "sr_s": _median_s(lambda: write_sr(findings, gre, tmp / "sr", v, seg_path=seg_path), args.repeat),
-            "key_images_s": _median_s(lambda: write_key_images(findings, gre, study.chi_ppm, tmp / "sc", v),
+            "seg_s": median_seconds(lambda: write_seg(findings, gre, tmp / "seg", v), args.repeat),
+            "sr_s": median_seconds(lambda: write_sr(findings, gre, tmp / "sr", v, seg_path=seg_path), args.repeat),
+            "key_images_s": median_seconds(lambda: write_key_images(findings, gre, study.chi_ppm, tmp / "sc", v),
                                       args.repeat),
-            "summary_s": _median_s(lambda: clinical_summary(findings), args.repeat),
-            "all_s": _median_s(lambda: write_reports(findings, gre, study.chi_ppm, tmp / "all", v), args.repeat),
+            "summary_s": median_seconds(lambda: clinical_summary(findings), args.repeat),
+            "all_s": median_seconds(lambda: write_reports(findings, gre, study.chi_ppm, tmp / "all", v), args.repeat),
             "seg_bytes": seg_path.stat().st_size if seg_path else 0,
             "machine": platform.processor() or platform.machine(),
         }
