@@ -48,17 +48,10 @@ THRESHOLDS = "thresholds"
 candidate with its probability; its table row is scored at that threshold and its FROC over all."""
 
 
-def load_thresholds(pred_dir: Path, subjects) -> dict[str, float]:
-    """The operating thresholds in the subjects' stages.json files (they must agree)."""
+def merge_thresholds(per_subject: dict[str, dict], pred_dir: Path) -> dict[str, float]:
+    """One ``{stage: threshold}`` from the subjects' stages.json ``thresholds`` (they must agree)."""
     out: dict[str, float] = {}
-    for s in subjects:
-        sj = pred_dir / s / "stages.json"
-        if not sj.is_file():
-            continue
-        try:
-            d = json.loads(sj.read_text()).get(THRESHOLDS) or {}
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ConfigError(f"stages file {sj} is not a valid JSON object ({exc})") from exc
+    for d in per_subject.values():
         for k, v in d.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue  # e.g. the decision rule's name
@@ -95,7 +88,8 @@ def load_truth(truth_dir: Path) -> dict[str, dict]:
 
 
 def load_predictions(pred_dir: Path, subject: str) -> dict[str, list[dict]] | None:
-    """Per-stage detection lists of one subject (``final`` from findings.json), or None if absent."""
+    """Per-stage detection lists of one subject (``final`` from findings.json), or None if absent;
+    stages.json's ``thresholds`` object, when present, is kept under ``THRESHOLDS``."""
     folder = pred_dir / subject
     fj, sj = folder / "findings.json", folder / "stages.json"
     if not fj.is_file() and not sj.is_file():
@@ -116,6 +110,9 @@ def load_predictions(pred_dir: Path, subject: str) -> dict[str, list[dict]] | No
             raise ConfigError(f"stages file {sj} must map stage names to lists of candidates")
         for name, items in d.items():
             if name == THRESHOLDS:
+                if not isinstance(items, dict):
+                    raise ConfigError(f"stages file {sj}: {THRESHOLDS!r} must map stage names to thresholds")
+                stages[THRESHOLDS] = items
                 continue
             if name == FINAL:
                 raise ConfigError(f"stages file {sj} may not use the reserved stage name {FINAL!r}")
@@ -129,6 +126,8 @@ def evaluate(pred_dir: Path, truth_dir: Path, *, threshold: float = 0.0) -> dict
     if not pred_dir.is_dir():
         raise ConfigError(f"predictions folder {pred_dir} does not exist")
     preds = {s: load_predictions(pred_dir, s) for s in truth}
+    stage_thr = merge_thresholds({s: p.pop(THRESHOLDS) for s, p in preds.items() if p and THRESHOLDS in p},
+                                 pred_dir)
     missing = sorted(s for s, p in preds.items() if p is None)
     extra = sorted(
         p.name for p in pred_dir.iterdir()
@@ -141,7 +140,6 @@ def evaluate(pred_dir: Path, truth_dir: Path, *, threshold: float = 0.0) -> dict
                                    control=bool(t.get("control", False)), threshold=thr, kind=kind)
                 for sub, t in truth.items()]
 
-    stage_thr = load_thresholds(pred_dir, truth)
     for name in stage_names:
         thr = threshold if name == FINAL else stage_thr.get(name, 0.0)
         results = score(name, thr)

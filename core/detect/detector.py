@@ -105,11 +105,11 @@ READOUT_RADIUS_VOX = 3
 """V-Net readout: maximum of the segmentation logits over the central 7^3 voxels (see vnet_readout)."""
 REQUIRED_NETWORKS = ("convscreen", "vnet")
 DECISION_RULES = ("vnet", "resnet", "mean")
+"""How a ConvScreen survivor becomes a microbleed: the V-Net probability (the paper), the ResNet's,
+or the mean of the two (an ensemble; chosen when it does better on validation, see training.train)."""
 HANDCRAFTED_REGION_MM = 10.0
 """Radius of the half-maximum region the hand-crafted baseline measures (volume, length, FA): wide
 enough that a vein shows its length beyond the 10 mm length limit."""
-"""How a ConvScreen survivor becomes a microbleed: the V-Net probability (the paper), the ResNet's,
-or the mean of the two (an ensemble; chosen when it does better on validation, see training.train)."""
 
 
 def decision_probability(rule: str, vnet_p: np.ndarray, resnet_p: np.ndarray | None) -> np.ndarray:
@@ -546,16 +546,17 @@ class CMBDetector:
             return [{"centre_lps_mm": [round(float(v), 3) for v in cand.lps_mm[i]],
                      "probability": round(float(p), 6)} for i, p in zip(idx, prob)]
 
-        stages: dict[str, list[dict]] = {
-            "stage1": [{"centre_lps_mm": [round(float(v), 3) for v in cand.lps_mm[i]],
-                        "score": round(float(cand.score[i]), 6)} for i in para]}
+        def unscored(idx) -> list[dict]:  # candidate lists with their FRST score, no probability
+            return [{"centre_lps_mm": [round(float(v), 3) for v in cand.lps_mm[i]],
+                     "score": round(float(cand.score[i]), 6)} for i in idx]
+
+        stages: dict[str, list[dict]] = {"stage1": unscored(para)}
 
         if with_resnet:  # comparators requested: the paper's hand-crafted baseline on the same candidates
             t = time.perf_counter()
             hc = [i for i in para if passes_handcrafted(component_features(
                 _half_max_region(chi, cand.voxel[i], spacing, HANDCRAFTED_REGION_MM)[1], spacing))[2]]
-            stages["handcrafted"] = [{"centre_lps_mm": [round(float(v), 3) for v in cand.lps_mm[i]],
-                                      "score": round(float(cand.score[i]), 6)} for i in hc]
+            stages["handcrafted"] = unscored(hc)
             tm["handcrafted_s"] = time.perf_counter() - t
 
         # ConvScreen
