@@ -23,13 +23,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bench.ingest import dcmtk_env, free_port, simulate_study, start_orthanc, stop, wait_echo
+from deploy.node.harness import wait_for
 from deploy.node.queue import Queue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,18 +40,6 @@ NODE_AET, SCU_AET = "CMB_NODE", "BENCH_SCU"
 def _http_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 
 
 def start_node(root: Path, orthanc_port: int, quiet: float) -> tuple[subprocess.Popen[bytes], int]:
@@ -98,7 +86,7 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
                 return jobs[-1]
             return None
 
-        job = _wait(finished, timeout, "the job to finish", interval=0.05)
+        job = wait_for(finished, timeout, "the job to finish", interval=0.05)
         snap = queue.snapshot()
         study = snap["studies"][0]
         if job["state"] not in ("done", "delivered"):
@@ -122,13 +110,13 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
                 if "failed" in states:
                     raise RuntimeError(f"a delivery gave up: {s['deliveries']}")
                 return None
-            s = _wait(delivered, timeout, "the results to reach Orthanc", interval=0.05)
+            s = wait_for(delivered, timeout, "the results to reach Orthanc", interval=0.05)
             t_stored = max(float(d["delivered_at"]) for d in s["deliveries"])
 
             def job_delivered() -> dict[str, Any] | None:
                 jobs = queue.snapshot()["jobs"]
                 return jobs[-1] if jobs and jobs[-1]["state"] == "delivered" else None
-            report["job_state"] = _wait(job_delivered, timeout, "the job to be marked delivered",
+            report["job_state"] = wait_for(job_delivered, timeout, "the job to be marked delivered",
                                         interval=0.05)["state"]
             arrived = []
             for iid in _http_json(f"http://127.0.0.1:{o_http}/instances"):

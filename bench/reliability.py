@@ -42,8 +42,6 @@ import os
 import platform
 import random
 import shutil
-import signal
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -59,9 +57,9 @@ import yaml
 
 from bench.ingest import dcmtk_env, free_port
 from bench.ingest import simulate_study as _simulate_study
+from deploy.node.harness import NodeProcess, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
 NODE_AET = "CMB_NODE"
 SCU_AET = "SOAK_SCU"
 ACK_MARKERS = ("Received Store Response (Success", "Received Store Response (Warning")
@@ -111,17 +109,14 @@ def load_sources(study_dir: Path) -> list[SourceInstance]:
     return out
 
 
-class Node:
+class Node(NodeProcess):
     """The node as a subprocess on a loopback port with its own spool (the config is written once)."""
 
     def __init__(self, root: Path, with_app: bool) -> None:
-        self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.spool = root / "spool"
-        self.log = root / "node.log"
+        port, spool = free_port(), root / "spool"
         cfg = yaml.safe_load((REPO / "deploy" / "node.example.yaml").read_text())
-        cfg.update({"port": self.port, "bind": "127.0.0.1", "spool": str(self.spool),
+        cfg.update({"port": port, "bind": "127.0.0.1", "spool": str(spool),
                     "allowed_calling_aets": [SCU_AET], "destinations": [],
                     "study_quiet_seconds": 1.0, "min_free_mb": 1, "poll_seconds": 0.1})
         if not with_app:
@@ -129,55 +124,8 @@ class Node:
                               require_dicom_results=False)
         else:
             cfg["app"] = dict(cfg["app"], require_dicom_results=False, max_attempts=3)
-        self.config = root / "node.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([PY, "-m", "deploy.node", "--config", str(self.config)],
-                                         cwd=REPO, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode}: {self.tail()}")
-            with open(self.log, "rb") as f:
-                f.seek(offset)
-                if b'"event": "node_started"' in f.read():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"node did not start in {timeout} s: {self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                rec = json.loads(line)
-                if rec.get("event") == name:
-                    out.append(rec)
-        return out
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.spool / "queue.sqlite", timeout=30) as db:
-            return db.execute(sql, args).fetchall()
+        (root / "node.yaml").write_text(yaml.safe_dump(cfg))
+        super().__init__(root, root / "node.yaml", port, spool)
 
 
 class Push:
@@ -281,16 +229,6 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
-
-
 def run_cycle(i: int, sources: list[SourceInstance], root: Path, rng: random.Random,
               kill_delay_s: tuple[float, float], with_app: bool, kill_app: bool) -> Cycle:
     """One kill cycle on a fresh spool under ``root``; see the module docstring."""
@@ -339,7 +277,7 @@ def run_cycle(i: int, sources: list[SourceInstance], root: Path, rng: random.Ran
 
         app_killed, requeued, orphan_stopped = False, None, None
         if with_app and kill_app:
-            running = _wait(lambda: node.rows(
+            running = wait_for(lambda: node.rows(
                 "SELECT id, app_pid FROM jobs WHERE study_uid = ? AND state = 'running' "
                 "AND app_pid IS NOT NULL", study), 120, "the app to start")
             time.sleep(rng.uniform(0.5, 3.0))
@@ -348,9 +286,9 @@ def run_cycle(i: int, sources: list[SourceInstance], root: Path, rng: random.Ran
             node.start()
             rec = node.events("node_recovered")[-1]
             requeued = running[0][0] in rec.get("jobs_requeued", [])
-            orphan_stopped = bool(_wait(lambda: _gone(running[0][1]), 30, "the orphaned app to stop"))
+            orphan_stopped = bool(wait_for(lambda: _gone(running[0][1]), 30, "the orphaned app to stop"))
         timeout = 3600 if with_app else 120
-        jobs = _wait(jobs_finished, timeout, "the study's jobs to finish")
+        jobs = wait_for(jobs_finished, timeout, "the study's jobs to finish")
         _, state, attempts, n_inst, started, finished = jobs[-1]
         app_s = round(finished - started, 2) if started and finished else None
         if n_inst != len(sources):

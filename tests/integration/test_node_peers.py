@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +27,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
+
+from deploy.node import harness
+from deploy.node.harness import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -128,17 +129,14 @@ def make_study(folder: Path, echoes: int = 2, slices: int = 1, size: int = 8) ->
     return paths
 
 
-class NodeProcess:
+class NodeProcess(harness.NodeProcess):
     """The node under test, as a subprocess with its own config, spool and log file."""
 
     def __init__(self, root: Path, **overrides: object) -> None:
-        self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.spool = root / "spool"
-        self.log = root / "node.log"
+        port, spool = free_port(), root / "spool"
         cfg = {
-            "ae_title": NODE_AET, "port": self.port, "bind": "127.0.0.1", "spool": str(self.spool),
+            "ae_title": NODE_AET, "port": port, "bind": "127.0.0.1", "spool": str(spool),
             "allowed_calling_aets": [SCANNER_AET, "PYNETDICOM"], "study_quiet_seconds": 1.0,
             "workers": 1, "min_free_mb": 1, "poll_seconds": 0.1,
             "retry": {"max_attempts": "unlimited", "backoff_base_seconds": 0.2,
@@ -146,75 +144,17 @@ class NodeProcess:
             "association": {"acse_timeout": 5, "dimse_timeout": 10, "network_timeout": 10},
         }
         cfg.update(overrides)
-        self.config = root / "node.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.proc: subprocess.Popen[bytes] | None = None
+        (root / "node.yaml").write_text(yaml.safe_dump(cfg))
+        super().__init__(root, root / "node.yaml", port, spool, stop_timeout=10.0)
 
     def start(self, timeout: float = 20.0) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([PY, "-m", "deploy.node", "--config", str(self.config)],
-                                         cwd=REPO, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
-            with open(self.log, "rb") as f:
-                f.seek(offset)
-                if b'"event": "node_started"' in f.read():
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"node did not start in {timeout} s: {self.log_text()[-2000:]}")
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def events(self, name: str) -> list[dict]:
-        out = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                rec = json.loads(line)
-                if rec.get("event") == name:
-                    out.append(rec)
-        return out
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        super().start(timeout)
 
     def status(self) -> dict:
         out = subprocess.run([PY, "-m", "deploy.node", "--config", str(self.config), "status", "--json"],
                              cwd=REPO, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
-
-    def db_rows(self, sql: str) -> list[tuple]:
-        with sqlite3.connect(self.spool / "queue.sqlite", timeout=10) as db:
-            return db.execute(sql).fetchall()
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
 
 def pynetdicom_store(port: int, datasets: list[Dataset | Path], aet: str = "PYNETDICOM") -> list[int]:
     """C-STORE each dataset (or file) in one association; returns the status codes."""
@@ -286,7 +226,7 @@ def test_node_stores_from_storescu_and_pynetdicom(node: NodeProcess, tmp_path: P
 
     # a duplicate (same UID, same bytes) is acknowledged but not stored twice
     assert pynetdicom_store(node.port, [pydicom.dcmread(files[3])]) == [0]
-    assert node.db_rows("SELECT COUNT(*) FROM instances") == [(4,)]
+    assert node.rows("SELECT COUNT(*) FROM instances") == [(4,)]
     assert len(node.events("instance_duplicate")) == 1
     stored_events = node.events("instance_stored")
     assert len(stored_events) == 4
@@ -335,7 +275,7 @@ def test_node_refuses_unknown_calling_ae_and_hostile_input(node: NodeProcess, tm
     # nothing was written anywhere: not in the spool, not outside it
     assert list((node.spool / "instances").rglob("*.dcm")) == []
     assert not (tmp_path / "x").exists() and not (node.spool / "x").exists()
-    assert node.db_rows("SELECT COUNT(*) FROM instances") == [(0,)]
+    assert node.rows("SELECT COUNT(*) FROM instances") == [(0,)]
 
 
 def test_node_answers_out_of_resources_below_free_space_threshold(tmp_path: Path) -> None:
@@ -385,7 +325,7 @@ def test_node_kill9_mid_push_loses_no_acknowledged_instance(tmp_path: Path) -> N
 
     n.start()  # restart on the same spool and queue
     status = n.status()
-    stored = {r[0] for r in n.db_rows("SELECT sop_instance_uid FROM instances")}
+    stored = {r[0] for r in n.rows("SELECT sop_instance_uid FROM instances")}
     missing = [s for s in acked if s not in stored]
     assert missing == []
     for sop in acked:
@@ -548,7 +488,7 @@ def test_node_mutual_tls_accepts_only_clients_with_a_certificate(tmp_path: Path)
         assert echo(with_cert=False) is False
         assert not echo_ok(n.port)                       # plain TCP is not spoken either
         assert n.alive()
-        assert n.db_rows("SELECT COUNT(*) FROM instances") == [(1,)]
+        assert n.rows("SELECT COUNT(*) FROM instances") == [(1,)]
     finally:
         n.stop()
 
@@ -575,7 +515,7 @@ def test_node_concurrent_pushes_and_association_limit(tmp_path: Path) -> None:
         for p in pushes:
             out, _ = p.communicate(timeout=60)
             assert p.returncode == 0, out
-        stored = {r[0] for r in n.db_rows("SELECT sop_instance_uid FROM instances")}
+        stored = {r[0] for r in n.rows("SELECT sop_instance_uid FROM instances")}
         assert stored == expected
         assert len(list((n.spool / "instances").rglob("*.dcm"))) == 60
         assert n.status()["studies"][0]["n_instances"] == 60
