@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import OperatorSpec
 
 from core.dicom.derived import write_qsm_series
 from core.nifti import save_nifti
+from operators._writer import OutputWriterOperator
 
 METHOD_NAMES = {"star": "STAR-QSM", "tkd": "TKD"}
 
@@ -31,13 +32,8 @@ def write_qsm_outputs(gre, qsm, out_dir: Path, algorithm_version: str) -> list[P
     return paths
 
 
-class QSMWriterOperator(Operator):
+class QSMWriterOperator(OutputWriterOperator):
     """``gre`` + ``qsm`` -> files; passes both on for the summary."""
-
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, algorithm_version: str, **kwargs) -> None:
-        self.output_folder = Path(output_folder)
-        self.algorithm_version = algorithm_version
-        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("gre")

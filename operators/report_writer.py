@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import OperatorSpec
 
 from core.findings import StudyFindings
 from core.report import write_reports
+from operators._writer import OutputWriterOperator
 
 
 def write_detection_outputs(gre, qsm, findings: StudyFindings, out_dir: Path,
@@ -53,14 +54,9 @@ def write_detection_outputs(gre, qsm, findings: StudyFindings, out_dir: Path,
     return written
 
 
-class CMBReportWriterOperator(Operator):
+class CMBReportWriterOperator(OutputWriterOperator):
     """``gre`` + ``qsm`` + ``findings`` -> files in the (staged) output folder; ``findings`` passed on
     (so the study summary is written after every report file exists)."""
-
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, algorithm_version: str, **kwargs) -> None:
-        self.output_folder = Path(output_folder)
-        self.algorithm_version = algorithm_version
-        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("gre")
