@@ -128,7 +128,7 @@ def load_shards(dirs: Sequence[str], paramagnetic_only: bool = True) -> dict:
         js = os.path.splitext(f)[0] + ".json"
         m = json.load(open(js)) if os.path.exists(js) else {}
         meta.append({"subject": sid, "folder": os.path.dirname(os.path.abspath(f)), "seed": m.get("seed"),
-                     "voxel_mm": m.get("voxel_mm"), "control": m.get("control"),
+                     "voxel_mm": [round(float(v), 3) for v in m.get("voxel_mm") or []], "control": m.get("control"),
                      "candidates_used": int(keep.sum()),
                      "positives": int(np.isin(z["labels"][keep], POSITIVE_LABELS).sum())})
     out = {k: np.concatenate(v) for k, v in parts.items()}
