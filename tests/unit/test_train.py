@@ -187,3 +187,15 @@ def test_train_cli_learns_and_writes_models(shards, tmp_path):
     assert all(v["fp_per_subject"] <= 0.35 for v in dec["validation"].values())
     cfg = CMBDetector.load(out).config
     assert cfg.decision_rule == dec["rule"] and cfg.threshold == pytest.approx(dec["threshold"])
+    # --model decision re-chooses it with the trained networks: same validation set -> same point,
+    # weights untouched, the subjects it was chosen on recorded; a stricter budget never admits more FP
+    rc = main(["--data", tr, "--val", va, "--out", out, "--model", "decision", "--threads", "2"])
+    again = json.load(open(os.path.join(out, "detector.json")))
+    assert rc == 0 and again["weights"] == det["weights"]
+    assert again["decision"]["rule"] == dec["rule"]
+    assert again["decision"]["threshold"] == pytest.approx(dec["threshold"], rel=1e-5)
+    assert again["decision"]["validation_subjects"] == ["v0"]
+    assert main(["--data", tr, "--val", va, "--out", out, "--model", "decision", "--fp-budget", "0"]) == 0
+    strict = json.load(open(os.path.join(out, "detector.json")))["decision"]
+    assert all(v["fp"] == 0 for v in strict["validation"].values())
+    assert "Re-chosen" in open(os.path.join(out, "MODEL_CARD.md")).read()
