@@ -83,11 +83,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from core.detect import DetectionError
 from core.detect.candidates import ConvScreen, cube_shapes
 from core.detect.handcrafted import component_features, passes_handcrafted
 from core.detect.resnet import ResNet3D
-from core.detect.stage1 import Candidates, Stage1Params, detect_candidates
+from core.detect.stage1 import Candidates, Stage1Params, detect_candidates, half_max_region
 from core.detect.vnet import PATCH_SIZE, VNet
 from core.errors import ConfigError
 from core.findings import Finding, StudyFindings
@@ -359,30 +358,11 @@ def non_maximum_suppression(centres_mm: np.ndarray, probabilities: np.ndarray,
     return keep
 
 
+FACE_EDGE_CORNER = np.ones((3, 3, 3), bool)  # 26-neighbour labelling of reported foci
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
-def _half_max_region(chi_s: np.ndarray, c: np.ndarray, spacing: np.ndarray, radius_mm: float = 6.0
-                     ) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Stage I's lesion region (see module docstring) around voxel ``c`` of ``chi_s`` (polarity
-    made positive), within ``radius_mm`` of it: (box, bool mask of the box)."""
-    half = np.maximum(np.ceil(max(7.0, radius_mm + 1.0) / spacing).astype(int), 2)
-    sl = tuple(slice(max(int(ci) - h, 0), min(int(ci) + h + 1, n)) for ci, h, n in zip(c, half, chi_s.shape))
-    sub = chi_s[sl]
-    lc = [int(ci) - s.start for ci, s in zip(c, sl)]
-    grids = np.meshgrid(*[(np.arange(s.stop - s.start) - l0) * dd for s, l0, dd in zip(sl, lc, spacing)],
-                        indexing="ij")
-    r = np.sqrt(sum(g * g for g in grids))
-    shell = (r > 5.0) & (r <= 7.0)
-    bg = float(np.median(sub[shell])) if shell.any() else 0.0
-    near = r <= 1.01 * float(spacing.max())
-    pk = np.unravel_index(int(np.argmax(np.where(near, sub, -np.inf))), sub.shape)
-    level = bg + 0.5 * (float(sub[pk]) - bg)
-    lab, _ = ndimage.label((sub >= level) & (r <= radius_mm), structure=np.ones((3, 3, 3), bool))
-    region = lab == lab[pk] if lab[pk] > 0 else np.zeros(sub.shape, bool)
-    region[pk] = True
-    return sl, region
 
 
 def _vnet_segment(prob: np.ndarray, thr: float) -> np.ndarray | None:
@@ -555,7 +535,7 @@ class CMBDetector:
         if with_resnet:  # comparators requested: the paper's hand-crafted baseline on the same candidates
             t = time.perf_counter()
             hc = [i for i in para if passes_handcrafted(component_features(
-                _half_max_region(chi, cand.voxel[i], spacing, HANDCRAFTED_REGION_MM)[1], spacing))[2]]
+                half_max_region(chi, cand.voxel[i], spacing, HANDCRAFTED_REGION_MM, FACE_EDGE_CORNER)[1], spacing))[2]]
             stages["handcrafted"] = unscored(hc)
             tm["handcrafted_s"] = time.perf_counter() - t
 
@@ -604,14 +584,14 @@ class CMBDetector:
                 sl, reg = _place(comp, ci - h, chi.shape)
             else:
                 source = "stage1"
-                sl, reg = _half_max_region(chi, ci, spacing)
+                sl, reg, _, _ = half_max_region(chi, ci, spacing, structure=FACE_EDGE_CORNER)
             dets.append(dict(kind="cmb", sl=sl, region=reg & mask[sl], probability=float(d_p[m]),
                              source=source, voxel=ci))
         neg = -chi
         for i in dia:
             if float(cand.peak_chi_ppm[i]) >= cfg.calcification_peak_ppm:
                 continue
-            sl, reg = _half_max_region(neg, cand.voxel[i], spacing)
+            sl, reg, _, _ = half_max_region(neg, cand.voxel[i], spacing, structure=FACE_EDGE_CORNER)
             dets.append(dict(kind="calcification", sl=sl, region=reg & mask[sl], probability=1.0,
                              source="stage1", voxel=cand.voxel[i]))
         findings, sources = self._assemble(dets, chi, geometry, study_instance_uid, algorithm_version)

@@ -184,31 +184,41 @@ def _box(centre, half, shape) -> tuple[slice, ...]:
     return tuple(slice(max(int(c) - h, 0), min(int(c) + h + 1, n)) for c, h, n in zip(centre, half, shape))
 
 
-def _measure(chi_s: np.ndarray, c: np.ndarray, spacing: np.ndarray) -> tuple[float, float, float, float]:
-    """Peak, mean inside the half-maximum region, background and equivalent diameter of the focus
-    at voxel ``c`` of ``chi_s`` (chi with the candidate's polarity made positive)."""
-    half_bg = np.maximum(np.ceil(7.0 / spacing).astype(int), 2)
-    sl = _box(c, half_bg, chi_s.shape)
+def half_max_region(chi_s: np.ndarray, c, spacing: np.ndarray, radius_mm: float = 6.0,
+                    structure: np.ndarray | None = None
+                    ) -> tuple[tuple[slice, ...], np.ndarray, float, float]:
+    """The focus at voxel ``c`` of ``chi_s`` (chi with its polarity made positive): background =
+    median over the 5-7 mm shell, peak = maximum within one voxel of ``c``, region = the voxels at
+    or above half way from background to peak within ``radius_mm`` of ``c`` that are connected
+    (``structure``, as :func:`scipy.ndimage.label`; default 6-neighbour) to the peak voxel, which
+    always belongs to it. Returns (box, bool region of the box, peak, background)."""
+    spacing = np.asarray(spacing, dtype=float)
+    half = np.maximum(np.ceil(max(7.0, radius_mm + 1.0) / spacing).astype(int), 2)
+    sl = _box(c, half, chi_s.shape)
     sub = chi_s[sl]
-    lc = np.array([int(ci) - s.start for ci, s in zip(c, sl)])
+    lc = [int(ci) - s.start for ci, s in zip(c, sl)]
     grids = np.meshgrid(*[(np.arange(s.stop - s.start) - l0) * d for s, l0, d in zip(sl, lc, spacing)],
                         indexing="ij")
     r = np.sqrt(sum(g * g for g in grids))
     shell = (r > 5.0) & (r <= 7.0)
     bg = float(np.median(sub[shell])) if shell.any() else 0.0
     near = r <= 1.01 * float(spacing.max())
-    peak = float(sub[near].max())
-    level = bg + 0.5 * (peak - bg)
-    above = (sub >= level) & (r <= 6.0)
-    lab, _ = ndimage.label(above)
-    # region connected to the peak voxel nearest the centre
     pk = np.unravel_index(int(np.argmax(np.where(near, sub, -np.inf))), sub.shape)
-    region = lab == lab[pk] if lab[pk] > 0 else np.zeros_like(above)
-    if not region.any():
-        region[pk] = True
+    peak = float(sub[pk])
+    level = bg + 0.5 * (peak - bg)
+    lab, _ = ndimage.label((sub >= level) & (r <= radius_mm), structure=structure)
+    region = lab == lab[pk] if lab[pk] > 0 else np.zeros(sub.shape, bool)
+    region[pk] = True
+    return sl, region, peak, bg
+
+
+def _measure(chi_s: np.ndarray, c: np.ndarray, spacing: np.ndarray) -> tuple[float, float, float, float]:
+    """Peak, mean inside the half-maximum region, background and equivalent diameter of the focus
+    at voxel ``c`` of ``chi_s`` (chi with the candidate's polarity made positive)."""
+    sl, region, peak, bg = half_max_region(chi_s, c, spacing)
     vol = float(region.sum()) * float(np.prod(spacing))
     diam = float((6.0 * vol / np.pi) ** (1.0 / 3.0))
-    return peak, float(sub[region].mean()), bg, diam
+    return peak, float(chi_s[sl][region].mean()), bg, diam
 
 
 def detect_candidates(

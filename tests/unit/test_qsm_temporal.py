@@ -83,11 +83,16 @@ def test_path_unwrap_is_congruent_and_recovers_a_many_times_wrapped_blob():
         path_unwrap(true[None], mask)
 
 
-def test_reliable_mask_drops_signal_dropout_and_misfit_and_erodes():
+def _ball_brain() -> tuple[np.ndarray, np.ndarray]:
+    """Squared distance (voxels^2) from the grid centre, and a 14-voxel-radius ball 'brain'."""
     idx = np.indices(SHAPE).astype(np.float64)
     c = [(n - 1) / 2 for n in SHAPE]
     r2 = sum((idx[a] - c[a]) ** 2 for a in range(3))
-    mask = r2 < 14.0**2
+    return r2, r2 < 14.0**2
+
+
+def test_reliable_mask_drops_signal_dropout_and_misfit_and_erodes():
+    r2, mask = _ball_brain()
     last = np.ones(SHAPE, np.float32)
     last[:12] = 0.2  # dropout slab below DROPOUT_FRACTION of the median
     residual = np.zeros(SHAPE, np.float32)
@@ -103,10 +108,7 @@ def test_reliable_mask_drops_signal_dropout_and_misfit_and_erodes():
 
 
 def test_reliable_mask_keeps_dark_lesions_enclosed_by_brain():
-    idx = np.indices(SHAPE).astype(np.float64)
-    c = [(n - 1) / 2 for n in SHAPE]
-    r2 = sum((idx[a] - c[a]) ** 2 for a in range(3))
-    mask = r2 < 14.0**2
+    r2, mask = _ball_brain()
     last = np.ones(SHAPE, np.float32)
     bleed = r2 < 3.0**2  # a microbleed: dark on the last echo, phase misfit inside
     last[bleed] = 0.05
