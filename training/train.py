@@ -508,14 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tlog["convscreen"] = res
         print(json.dumps({"convscreen": {"threshold": res["threshold"], "train": res["train"], "val": res["val"]}}),
               flush=True)
-    screen = None
-    if "convscreen" in detector and os.path.exists(os.path.join(a.out, "convscreen.pt")):
-        cs = ConvScreen()
-        cs.load_state_dict(torch.load(os.path.join(a.out, "convscreen.pt")))
-        cs.eval()
-        with torch.no_grad():
-            pv = torch.sigmoid(cs(torch.from_numpy(conv_inputs(val["cubes"], detector["convscreen"]["input"])))).numpy()
-        screen = pv >= detector["convscreen"]["threshold"]
+    screen = convscreen_passes(a.out, detector, val)
     val_probs: dict[str, np.ndarray] = {}
     for kind in ("vnet", "resnet"):
         if kind not in which:
@@ -562,23 +555,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 
+def convscreen_passes(out: str, detector: dict, val: dict) -> np.ndarray | None:
+    """Which of ``val``'s candidates the ConvScreen saved in ``out`` keeps (None: no screen there)."""
+    path = os.path.join(out, "convscreen.pt")
+    if "convscreen" not in detector or not os.path.exists(path):
+        return None
+    cs = ConvScreen()
+    cs.load_state_dict(torch.load(path))
+    cs.eval()
+    with torch.no_grad():
+        pv = torch.sigmoid(cs(torch.from_numpy(conv_inputs(val["cubes"], detector["convscreen"]["input"])))).numpy()
+    return pv >= detector["convscreen"]["threshold"]
+
+
 def rechoose_decision(out: str, val: dict, fp_budget: float, argv: Sequence[str] | None) -> int:
     """``--model decision``: the operating point of :func:`choose_decision` on ``val`` with the
     ConvScreen, V-Net and ResNet already trained in ``out`` (same readout); rewrites
     ``detector.json`` ``decision`` (with the validation subjects it was chosen on) and the card."""
     det_path = os.path.join(out, "detector.json")
-    if not os.path.exists(det_path) or "vnet" not in json.load(open(det_path)):
+    detector = json.load(open(det_path)) if os.path.exists(det_path) else {}
+    if "vnet" not in detector:
         raise TrainingError(f"{out} has no trained V-Net (detector.json); train first")
-    detector = json.load(open(det_path))
     readout = (detector["vnet"].get("readout") or {}).get("radius_vox")
-    screen = None
-    if "convscreen" in detector:
-        cs = ConvScreen()
-        cs.load_state_dict(torch.load(os.path.join(out, "convscreen.pt")))
-        cs.eval()
-        with torch.no_grad():
-            pv = torch.sigmoid(cs(torch.from_numpy(conv_inputs(val["cubes"], detector["convscreen"]["input"])))).numpy()
-        screen = pv >= detector["convscreen"]["threshold"]
+    screen = convscreen_passes(out, detector, val)
     probs = {}
     for kind in ("vnet", "resnet"):
         path = os.path.join(out, f"{kind}.pt")
