@@ -28,7 +28,7 @@ CLI::
 
     python -m training.dataset --out DIR --subjects N --seed S [--controls K]
         [--voxel-mm X Y Z] [--echoes E|mixed] [--oblique-max DEG] [--insert-per-subject M]
-        [--n-cmb N] [--threshold T]
+        [--insert-deep-fraction F] [--n-cmb N] [--threshold T]
 
 The last K subjects are controls; subject ``s`` gets seed ``S * 100003 + s``; ``DIR/summary.json``
 collects per-subject and aggregate stage I figures (sensitivity, false positives and candidates per
@@ -204,6 +204,7 @@ def build_subject(
     oblique_max_deg: float = 0.0,
     control: bool = False,
     insert_per_subject: int = 0,
+    insert_deep_fraction: float = 0.0,
     n_cmb: int | None = None,
     n_calc: int | None = None,
     shape: Sequence[int] | None = None,
@@ -236,7 +237,7 @@ def build_subject(
     if insert_per_subject > 0 and not control:
         t = time.perf_counter()
         before = len(study.lesions)
-        study = insert_microbleeds(study, insert_per_subject, rng)
+        study = insert_microbleeds(study, insert_per_subject, rng, deep_gm_fraction=insert_deep_fraction)
         n_inserted = len(study.lesions) - before
         timings["insert_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -303,6 +304,7 @@ def build_subject(
         "field_strength_t": study.acquisition.field_strength_t,
         "qsm_method": qsm_method,
         "inserted_cmb": n_inserted,
+        "insert_deep_fraction": float(insert_deep_fraction),
         "stage1_params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(params).items()},
         "lesions": [le.to_json() for le in study.lesions],
         "stage1": stats,
@@ -332,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--echoes", default="4", help="number of echoes or 'mixed'")
     ap.add_argument("--oblique-max", type=float, default=0.0)
     ap.add_argument("--insert-per-subject", type=int, default=0)
+    ap.add_argument("--insert-deep-fraction", type=float, default=0.0,
+                    help="share of inserted microbleeds placed in the deep grey nuclei (iron background)")
     ap.add_argument("--n-cmb", type=int, default=None, help="microbleeds per subject (default random 0-15)")
     ap.add_argument("--threshold", type=float, default=None, help="override the stage I threshold")
     a = ap.parse_args(argv)
@@ -343,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         res = build_subject(sid, a.seed * 100003 + s, voxel_mm=a.voxel_mm, echoes=echoes,
                             oblique_max_deg=a.oblique_max, control=s >= a.subjects - a.controls,
-                            insert_per_subject=a.insert_per_subject, n_cmb=a.n_cmb, params=params)
+                            insert_per_subject=a.insert_per_subject, insert_deep_fraction=a.insert_deep_fraction,
+                            n_cmb=a.n_cmb, params=params)
         write_shard(res, a.out)
         st = res["meta"]["stage1"]
         summary.append({"subject": sid, **{k: st[k] for k in ("cmb_total", "tp", "fn", "fp",

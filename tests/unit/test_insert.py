@@ -62,3 +62,18 @@ def test_magnitude_drops_and_qsm_positive(pair):
     ring = [q_new.chi_ppm[34 + di, 36 + dj, 26] for di, dj in ((5, 0), (-5, 0), (0, 5), (0, -5))]
     assert q_new.chi_ppm[c] - float(np.median(ring)) > 0.3
     assert np.all(np.abs(st.chi_ppm[[39, 29, 34, 34], [36, 36, 41, 31], 26]) < 0.2)
+
+
+def test_deep_gm_fraction_places_bleeds_in_deep_grey_nuclei():
+    st = simulate_subject("insdeep", 12, voxel_mm=(2.0, 2.0, 2.0), shape=(80, 96, 72), n_cmb=0, n_calc=0)
+    deep = np.asarray(st.extra_truth["deep_gm_labels"]) > 0
+    assert deep.any()
+
+    def share_in_deep(fraction):
+        new = insert_microbleeds(st, 6, np.random.default_rng(5), diameter_mm=(2.0, 3.0), deep_gm_fraction=fraction)
+        vox = [tuple(int(round(c)) for c in le.centre_voxel) for le in new.lesions]
+        assert len(vox) >= 4
+        return np.mean([deep[v] for v in vox])
+
+    assert share_in_deep(1.0) == 1.0
+    assert share_in_deep(0.0) < 0.5  # drawn over the whole brain: the nuclei are a small share
