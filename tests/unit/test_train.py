@@ -83,13 +83,24 @@ def test_metrics_on_known_numbers():
 def test_operating_point_counts_per_subject_within_budget():
     labels = np.array(["cmb", "cmb", "cmb", "cmb_duplicate", "other", "vessel", "other", "other"])
     prob = np.array([0.9, 0.8, 0.3, 0.95, 0.85, 0.7, 0.2, 0.1])
-    # 2 subjects, budget 0.5 FP/subject -> at most 1 FP: thresholds down to 0.7 add the 0.85 FP, 0.7 adds a 2nd
+    # 2 subjects, budget 0.5 FP/subject -> at most 1 FP: down to 0.8 two bleeds and the 0.85 FP,
+    # 0.7 adds a 2nd FP. Any threshold in (0.7, 0.8] gives 2 TP / 1 FP: the log-odds midpoint is taken
     op = operating_point(labels, prob, n_subjects=2, fp_budget=0.5)
-    assert (op["threshold"], op["tp"], op["fp"], op["fn"]) == (0.8, 2, 1, 1)
+    mid = 1 / (1 + np.exp(-0.5 * (np.log(0.7 / 0.3) + np.log(0.8 / 0.2))))
+    assert op["threshold"] == pytest.approx(mid) and 0.7 < op["threshold"] < 0.8
+    assert (op["tp"], op["fp"], op["fn"]) == (2, 1, 1) and op["interval"] == [0.7, 0.8]
     assert op["sensitivity"] == pytest.approx(2 / 3) and op["fp_per_subject"] == 0.5
-    # a larger budget reaches the third bleed; the duplicate counts as neither TP nor FP
+    # a larger budget reaches the third bleed (0.3) and stops before the 0.2 FP; the duplicate
+    # counts as neither TP nor FP
     op = operating_point(labels, prob, n_subjects=2, fp_budget=1.0)
-    assert (op["threshold"], op["tp"], op["fp"]) == (0.3, 3, 2)
+    assert 0.2 < op["threshold"] < 0.3 and (op["tp"], op["fp"]) == (3, 2)
+    # every candidate within the budget: the interval ends at the lowest score; its midpoint
+    # (0.18) admits the 0.2 negative, which the budget allows
+    op = operating_point(labels, prob, n_subjects=2, fp_budget=5.0)
+    assert op["interval"] == [0.1, 0.3] and 0.1 < op["threshold"] < 0.2 and (op["tp"], op["fp"]) == (3, 3)
+    # even the most confident negative breaks a zero budget when it outranks every bleed
+    op = operating_point(labels, np.where(labels == "other", 0.99, prob), n_subjects=2, fp_budget=0.0)
+    assert (op["tp"], op["fp"]) == (0, 0) and op["threshold"] > 0.99
     # a candidate the ConvScreen dropped is a miss whatever its probability
     screen = np.array([True, False, True, True, True, True, True, True])
     op = operating_point(labels, prob, n_subjects=2, fp_budget=0.5, screen=screen)
