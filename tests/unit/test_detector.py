@@ -221,6 +221,26 @@ def test_negative_sphere_never_a_microbleed(scene, tmp_path) -> None:
     assert sf.timings_s["total_s"] > 0  # type: ignore[attr-defined]
 
 
+def test_calcification_needs_dark_peak_and_radial_symmetry(scene, tmp_path) -> None:
+    """A dark focus is labelled a calcification only when its peak is below calcification_peak_ppm
+    and its diamagnetic FRST score reaches calcification_frst_min (both read from detector.json)."""
+    chi, mask, geom = scene
+    d = _save_models(tmp_path / "m", _random_vnet(), resnet=False)
+    cfg = json.loads((d / "detector.json").read_text())
+    res = CMBDetector.load(d).detect_stages(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
+    calc = [f for f in res.findings.mimics if f.kind == "calcification"]
+    assert len(calc) == 1 and _nearest(calc[0].centre_voxel, [DARK]) <= 1.0
+    for key, value, expect in (("calcification_frst_min", 1e6, 0), ("calcification_peak_ppm", -1.5, 0),
+                               ("calcification_frst_min", 1.5, 1)):
+        cfg[key] = value
+        (d / "detector.json").write_text(json.dumps(cfg))
+        det = CMBDetector.load(d)
+        assert getattr(det.config, key) == value
+        sf = det.detect(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
+        assert sum(f.kind == "calcification" for f in sf.mimics) == expect, (key, value)
+        cfg.pop(key)
+
+
 def test_missing_and_corrupt_model_files(tmp_path) -> None:
     with pytest.raises(ConfigError, match="has no detector.json"):
         CMBDetector.load(tmp_path)
