@@ -233,20 +233,30 @@ def format_tables(report: dict) -> str:
 
 
 def plot_froc(report: dict, path: Path) -> Path:
-    """FROC curves of every stage that has probabilities, as a PNG."""
+    """FROC curves of every stage that has probabilities, as a PNG. A stage with a single operating
+    point (no probabilities, e.g. the hand-crafted baseline) is one marker, not a curve; the
+    product's final output is drawn last, in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    for name, s in report["stages"].items():
-        pts = s["froc"]["points"]
+    names = sorted(report["stages"], key=lambda n: (n == FINAL, n))
+    for name in names:
+        pts = report["stages"][name]["froc"]["points"]
         if not pts:
+            continue
+        style = {"color": "black", "linewidth": 2.0, "zorder": 5} if name == FINAL else {}
+        if len(pts) == 1:
+            ax.plot([pts[0]["fp_per_subject"]], [pts[0]["sensitivity"]], marker="D" if name == FINAL else "s",
+                    linestyle="none", label=name, **style)
             continue
         x = [0.0] + [p["fp_per_subject"] for p in pts]
         y = [0.0] + [p["sensitivity"] for p in pts]
-        ax.step(x, y, where="post", label=name, marker="." if len(pts) < 50 else None)
+        ax.step(x, y, where="post", label=name, marker="." if len(pts) < 50 else None, **style)
+        if name == FINAL:  # the operating point: every reported microbleed
+            ax.plot([x[-1]], [y[-1]], marker="D", color="black", linestyle="none", zorder=6)
     ax.set_xlabel("mean false positives per subject")
     ax.set_ylabel("sensitivity")
     ax.set_ylim(0, 1.02)
