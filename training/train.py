@@ -693,9 +693,9 @@ def write_model_card(out_dir: str, machine: str = "") -> str:
                          f"{np.mean([e['epoch_seconds'] for e in ep]):.0f} s per epoch "
                          f"({tps:.2f} s per training patch), total {r['seconds'] / 60:.1f} min.")
     lines += ["", "Sizing for a final run in <= ~60 min on 2 cores: one V-Net epoch costs about "
-              "(1 + neg-ratio) x positives x 0.08 s on idle cores (x4 when the cores are shared), plus "
+              "(1 + neg-ratio) x positives x 0.04-0.08 s (the per-epoch figures above, measured), plus "
               "validation (~0.02 s per patch). Early stopping keeps the best validation-AUC epoch; if the "
-              "best epoch is the last one (as in the dev run below), more epochs would still help.",
+              "best epoch is the last one, more epochs would still help.",
               "", "## Reproduce", "", "```", tr["command"], "```", "",
               f"Seed {tr['seed']}; versions {det['versions']}. {machine}", "",
               "## Validation metrics (all paramagnetic candidates of the validation subjects)", "",
