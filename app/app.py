@@ -1,12 +1,13 @@
 """The application's operator chain, in the order the data flows.
 
     load -> select + volume -> QSM (mask, unwrap, echo fit, V-SHARP, STAR-QSM) -> QSM writer
-         -> detection (stage I: FRST + ConvScreen; stage II: V-Net) -> MARS localisation
+         -> detection (stage I: FRST + ConvScreen; stage II: V-Net and ResNet) -> MARS localisation
          -> reports (findings.json, TID 1500 SR, SEG, key images, clinical summary) -> summary.json
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
 from app import __version__
-from operators.cmb_detector import CMBDetectorOperator
+from operators.cmb_detector import CMBDetectorOperator, resolve_model_dir
 from operators.gre_loader import GREStudyLoaderOperator
 from operators.gre_selector import GRESeriesSelectorOperator
 from operators.mars_localizer import MarsLocalizerOperator
@@ -24,6 +25,22 @@ from operators.report_writer import CMBReportWriterOperator
 from operators.study_summary import StudySummaryWriterOperator
 
 ALGORITHM_VERSION = f"cmb-qsm {__version__}"
+"""Version of the code; the QSM series carry it (the QSM does not depend on the models)."""
+
+
+def detection_version(model_dir: Path | str | None = None) -> str:
+    """:data:`ALGORITHM_VERSION` plus the first 8 hex digits of the sha256 of the model folder's
+    ``detector.json`` (which holds every weight file's sha256, the thresholds and the operating
+    point). The findings, SR, SEG and key images carry it, and their UIDs derive from it: a study
+    re-run after a model update gets new series and instances instead of new content under the
+    UIDs PACS already holds. Without a readable detector.json the code version alone is returned
+    (the detector operator then stops with its own error)."""
+    path = resolve_model_dir(model_dir) / "detector.json"
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    except OSError:
+        return ALGORITHM_VERSION
+    return f"{ALGORITHM_VERSION} model {digest}"
 
 
 @dataclass
@@ -49,13 +66,14 @@ class CMBApp(Application):
 
     def compose(self) -> None:
         cfg, out, version = self.config, self.config.output_dir, ALGORITHM_VERSION
+        found = detection_version(cfg.model_dir)
         load = GREStudyLoaderOperator(self, CountCondition(self, 1), input_folder=cfg.input_dir, name="load")
         select = GRESeriesSelectorOperator(self, phase_flip=cfg.phase_flip, name="select")
         qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, name="qsm")
         qsm_out = QSMWriterOperator(self, output_folder=out, algorithm_version=version, name="qsm_writer")
-        detect = CMBDetectorOperator(self, algorithm_version=version, model_dir=cfg.model_dir, name="detect")
+        detect = CMBDetectorOperator(self, algorithm_version=found, model_dir=cfg.model_dir, name="detect")
         mars = MarsLocalizerOperator(self, name="mars")
-        reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=version, name="reports")
+        reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=found, name="reports")
         summary = StudySummaryWriterOperator(self, output_folder=out, name="summary")
 
         self.add_flow(load, select, {("datasets", "datasets")})

@@ -20,10 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from app.app import ALGORITHM_VERSION
+from app.app import ALGORITHM_VERSION, detection_version
 
 
-def predict_subject(dicom_dir: Path, out_dir: Path, detector, *, with_resnet: bool = True) -> dict:
+def predict_subject(dicom_dir: Path, out_dir: Path, detector, *, with_resnet: bool = True,
+                    algorithm_version: str = ALGORITHM_VERSION) -> dict:
     """Findings, stages and timings for one study; returns the timing record."""
     from core.dicom.reader import load_gre
     from core.qsm.pipeline import reconstruct
@@ -36,7 +37,7 @@ def predict_subject(dicom_dir: Path, out_dir: Path, detector, *, with_resnet: bo
     t_qsm = time.perf_counter() - t0 - t_load
     result = detector.detect_stages(qsm.chi_ppm, qsm.mask, gre.geometry,
                                     study_instance_uid=gre.study_instance_uid,
-                                    algorithm_version=ALGORITHM_VERSION, with_resnet=with_resnet)
+                                    algorithm_version=algorithm_version, with_resnet=with_resnet)
     t1 = time.perf_counter()
     findings, reg, _ = localize_study(gre, qsm, result.findings)
     t_loc = time.perf_counter() - t1
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if not subjects:
         print(f"error: no <subject>/dicom folders under {args.cohort}", file=sys.stderr)
         return 2
+    version = detection_version(args.models)
     for s in subjects:
-        rec = predict_subject(args.cohort / s / "dicom", args.out / s, detector, with_resnet=not args.no_resnet)
+        rec = predict_subject(args.cohort / s / "dicom", args.out / s, detector, with_resnet=not args.no_resnet,
+                              algorithm_version=version)
         print(f"{s}: {rec['n_microbleeds']} microbleed(s), {rec['n_mimics']} mimic(s), "
               f"{rec['seconds']['total']:.1f} s", flush=True)
     return 0

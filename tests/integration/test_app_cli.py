@@ -10,8 +10,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
+from app.app import ALGORITHM_VERSION
 from tests.conftest import REPO, dciodvfy_errors, run_app
 
 pytestmark = pytest.mark.slow
@@ -77,6 +79,12 @@ def test_app_reads_every_vendor_as_simulated(cohort: Path, tmp_path: Path):
             assert f.mars_region is None or REGION_BY_KEY[f.mars_region].category == f.mars_category
         sr = out / "dicom" / "cmb" / "SR_CMB.dcm"
         assert dciodvfy_errors(sr) == []
+        from app.app import detection_version
+
+        # the findings and SR name the shipped models (detector.json digest), the QSM series the code
+        assert findings.algorithm_version == detection_version() != ALGORITHM_VERSION
+        assert pydicom.dcmread(sr).SoftwareVersions == detection_version()
+        assert pydicom.dcmread(series[0]).SoftwareVersions == ALGORITHM_VERSION
         if findings.findings:
             assert dciodvfy_errors(out / "dicom" / "cmb" / "SEG_CMB.dcm") == []
             assert len(list((out / "dicom" / "cmb").glob("KEY_*.dcm"))) == len(findings.findings)
