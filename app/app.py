@@ -66,14 +66,14 @@ class CMBApp(Application):
 
     def compose(self) -> None:
         cfg, out, version = self.config, self.config.output_dir, ALGORITHM_VERSION
-        found = detection_version(cfg.model_dir)
+        det_version = detection_version(cfg.model_dir)  # findings and reports name the models
         load = GREStudyLoaderOperator(self, CountCondition(self, 1), input_folder=cfg.input_dir, name="load")
         select = GRESeriesSelectorOperator(self, phase_flip=cfg.phase_flip, name="select")
         qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, name="qsm")
         qsm_out = QSMWriterOperator(self, output_folder=out, algorithm_version=version, name="qsm_writer")
-        detect = CMBDetectorOperator(self, algorithm_version=found, model_dir=cfg.model_dir, name="detect")
+        detect = CMBDetectorOperator(self, algorithm_version=det_version, model_dir=cfg.model_dir, name="detect")
         mars = MarsLocalizerOperator(self, name="mars")
-        reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=found, name="reports")
+        reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=det_version, name="reports")
         summary = StudySummaryWriterOperator(self, output_folder=out, name="summary")
 
         self.add_flow(load, select, {("datasets", "datasets")})

@@ -63,7 +63,7 @@ Decisions (documented in ``models/MODEL_CARD.md`` too):
 CLI::
 
     python -m training.train --data DIR [DIR ...] --val DIR [DIR ...] --out models/
-        [--model vnet|resnet|convscreen|all] [--epochs N] [--batch B] [--seed S] [--threads 2]
+        [--model vnet|resnet|convscreen|all|decision] [--epochs N] [--batch B] [--seed S] [--threads 2]
         [--lr 1e-3] [--neg-ratio 3] [--patience 5] [--val-max-neg 400] [--conv-input shape|frst]
         [--readout 3] [--fp-budget 0.25] [--cyclegan CKPT --synthetic N]
 """

@@ -63,10 +63,10 @@ What the paper does not give, and our choices:
   ``calcification_frst_min`` (1.5): a calcification is a compact, strongly radially symmetric dark
   focus; the dark candidates that are not (vein walls, dipole side lobes, streaks, dark deep grey
   texture) are weakly symmetric even when as negative. Chosen on the training shards
-  (/work/data/c3/train: 28 simulated subjects, 1416 diamagnetic candidates, 40 calcifications) as
-  the pair maximising calcifications labelled minus false labels over peak {-0.15 .. -0.3} x
-  score {0.5 .. 2}: 36/40 with 1 false label. The peak-only rule used before (-0.3 ppm): 34/40
-  with 47 false (1.7 per subject). Checked on the 16 validation subjects (val, val401, val402):
+  (``training.dataset`` seed 300, models/MODEL_CARD.md: 28 simulated subjects, 1416 diamagnetic
+  candidates, 40 calcifications) as the pair maximising calcifications labelled minus false
+  labels over peak {-0.15 .. -0.3} x score {0.5 .. 2}: 36/40 with 1 false label. The peak-only rule used before (-0.3 ppm): 34/40
+  with 47 false (1.7 per subject). Checked on 16 validation subjects (seeds 400-402):
   26/27 calcifications, 5 false labels (0.3 per subject), against 24/27 and 23 false for the
   peak-only rule. Mimics are only labelled, never counted as microbleeds.
   No network scores them; their ``probability`` is 1.0, meaning "the rule fired", not a calibrated

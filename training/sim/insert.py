@@ -31,8 +31,9 @@ Positions: inside the brain mask, at least ``min_depth_mm`` from its surface, in
 the slab. ``deep_gm_fraction`` of the bleeds (drawn per bleed) go into the iron-rich deep grey
 nuclei (``extra_truth['deep_gm_labels']`` > 0: caudate, putamen, pallidum, thalamus, ...): drawn
 uniformly over the brain, few land there (they are a small share of its volume), yet a bleed on
-an iron background is where a detector trained that way misses most (validation, issue 4). Sizes and susceptibilities follow the simulator (2 + 8 Beta(1.3, 3.5) mm, 0.2-1.5 ppm,
-R2* 250-800 1/s at 3 T) unless given.
+an iron background is where a detector trained that way misses most (validation, issue 4).
+Sizes and susceptibilities follow the simulator (2 + 8 Beta(1.3, 3.5) mm, 0.2-1.5 ppm, R2*
+250-800 1/s at 3 T) unless given.
 """
 
 from __future__ import annotations
