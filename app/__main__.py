@@ -70,6 +70,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="negate the phase (for scanners whose phase polarity is opposite; env CMB_PHASE_FLIP)")
     p.add_argument("--qsm-method", choices=("star", "tkd"), default=os.environ.get("CMB_QSM_METHOD", "star"),
                    help="dipole inversion: STAR-QSM (default) or the TKD baseline (env CMB_QSM_METHOD)")
+    p.add_argument("--no-input-copies", dest="input_copies", action="store_false",
+                   default=os.environ.get("CMB_INPUT_COPIES", "1").lower() not in ("0", "false", "no"),
+                   help="do not write magnitude.nii.gz / phase.nii.gz (copies of the input, ~100 MB each "
+                        "at 1 mm; the DICOM node needs none of them: env CMB_INPUT_COPIES=0)")
     p.add_argument("-l", "--log-level", default=os.environ.get("HOLOSCAN_LOG_LEVEL", "WARN"))
     return p.parse_args(argv)
 
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     debug = args.log_level.upper() == "DEBUG"
     stage = StagedOutput(Path(args.output))
-    config = AppConfig(Path(args.input), stage.path, args.model, args.phase_flip, args.qsm_method)
+    config = AppConfig(Path(args.input), stage.path, args.model, args.phase_flip, args.qsm_method,
+                       input_copies=args.input_copies)
     fd, log_name = tempfile.mkstemp(prefix="cmb-app-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)

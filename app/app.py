@@ -52,6 +52,7 @@ class AppConfig:
     model_dir: Path | None = None
     phase_flip: bool = False
     qsm_method: str = "star"
+    input_copies: bool = True  # magnitude.nii.gz / phase.nii.gz for researchers
 
 
 class CMBApp(Application):
@@ -74,7 +75,7 @@ class CMBApp(Application):
         detect = CMBDetectorOperator(self, algorithm_version=det_version, model_dir=cfg.model_dir, name="detect")
         mars = MarsLocalizerOperator(self, name="mars")
         reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=det_version, name="reports")
-        summary = StudySummaryWriterOperator(self, output_folder=out, name="summary")
+        summary = StudySummaryWriterOperator(self, output_folder=out, input_copies=cfg.input_copies, name="summary")
 
         self.add_flow(load, select, {("datasets", "datasets")})
         self.add_flow(select, qsm, {("gre", "gre")})

@@ -24,7 +24,8 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 #: Repository root: the default working directory of the app command (so ``-m app`` imports).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-DEFAULT_APP_COMMAND: tuple[str, ...] = (sys.executable, "-m", "app", "-i", "{input}", "-o", "{output}")
+DEFAULT_APP_COMMAND: tuple[str, ...] = (sys.executable, "-m", "app", "-i", "{input}", "-o", "{output}",
+                                        "--no-input-copies")
 
 
 @dataclass(frozen=True)
