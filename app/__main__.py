@@ -70,6 +70,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="negate the phase (for scanners whose phase polarity is opposite; env CMB_PHASE_FLIP)")
     p.add_argument("--qsm-method", choices=("star", "tkd"), default=os.environ.get("CMB_QSM_METHOD", "star"),
                    help="dipole inversion: STAR-QSM (default) or the TKD baseline (env CMB_QSM_METHOD)")
+    p.add_argument("--device", default=os.environ.get("CMB_DEVICE", "auto"),
+                   help="torch device for the QSM FFTs and the networks: auto (CUDA when present), cpu, "
+                        "cuda or cuda:N (env CMB_DEVICE)")
     p.add_argument("--no-input-copies", dest="input_copies", action="store_false",
                    default=os.environ.get("CMB_INPUT_COPIES", "1").lower() not in ("0", "false", "no"),
                    help="do not write magnitude.nii.gz / phase.nii.gz (copies of the input, ~100 MB each "
@@ -92,13 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*stack size.*")
 
     from app.app import AppConfig, CMBApp
+    from core.device import select_device
     from core.errors import CMBError
     from core.outputs import StagedOutput
+
+    try:
+        device = select_device(args.device)
+    except CMBError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     debug = args.log_level.upper() == "DEBUG"
     stage = StagedOutput(Path(args.output))
     config = AppConfig(Path(args.input), stage.path, args.model, args.phase_flip, args.qsm_method,
-                       input_copies=args.input_copies)
+                       input_copies=args.input_copies, device=device)
     fd, log_name = tempfile.mkstemp(prefix="cmb-app-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)

@@ -53,6 +53,7 @@ class AppConfig:
     phase_flip: bool = False
     qsm_method: str = "star"
     input_copies: bool = True  # magnitude.nii.gz / phase.nii.gz for researchers
+    device: str = "cpu"  # torch device of the QSM FFTs and the networks (core.device.select_device)
 
 
 class CMBApp(Application):
@@ -70,9 +71,10 @@ class CMBApp(Application):
         det_version = detection_version(cfg.model_dir)  # findings and reports name the models
         load = GREStudyLoaderOperator(self, CountCondition(self, 1), input_folder=cfg.input_dir, name="load")
         select = GRESeriesSelectorOperator(self, phase_flip=cfg.phase_flip, name="select")
-        qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, name="qsm")
+        qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, device=cfg.device, name="qsm")
         qsm_out = QSMWriterOperator(self, output_folder=out, algorithm_version=version, name="qsm_writer")
-        detect = CMBDetectorOperator(self, algorithm_version=det_version, model_dir=cfg.model_dir, name="detect")
+        detect = CMBDetectorOperator(self, algorithm_version=det_version, model_dir=cfg.model_dir,
+                                     device=cfg.device, name="detect")
         mars = MarsLocalizerOperator(self, name="mars")
         reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=det_version, name="reports")
         summary = StudySummaryWriterOperator(self, output_folder=out, input_copies=cfg.input_copies, name="summary")

@@ -16,10 +16,11 @@ from core.qsm.pipeline import reconstruct
 class QSMReconstructionOperator(Operator):
     """``gre`` (GREVolume) -> ``qsm`` (QSMResult); ``gre`` is passed through for later steps."""
 
-    def __init__(self, fragment: Fragment, *args, method: str = "star", **kwargs) -> None:
+    def __init__(self, fragment: Fragment, *args, method: str = "star", device: str = "cpu", **kwargs) -> None:
         if method not in ("star", "tkd"):
             raise ValueError(f"QSM method must be 'star' or 'tkd', got {method!r}")
         self.method = method
+        self.device = device
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -30,6 +31,6 @@ class QSMReconstructionOperator(Operator):
     def compute(self, op_input, op_output, context) -> None:
         gre = op_input.receive("gre")
         qsm = reconstruct(gre.magnitude, gre.phase_rad, gre.echo_times_s, gre.field_strength_t,
-                          gre.geometry, method=self.method)
+                          gre.geometry, method=self.method, device=self.device)
         op_output.emit(gre, "gre")
         op_output.emit(qsm, "qsm")
