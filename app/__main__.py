@@ -18,6 +18,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+N_STEPS = 8  # operators in app.app.CMBApp.compose, each reports when it ends (core.progress)
+
 # Holoscan wants a 32 MiB stack for its threads and warns on every run below that.
 _STACK_BYTES = 32 * 1024 * 1024
 
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*stack size.*")
 
     from app.app import AppConfig, CMBApp
+    from core import progress
     from core.device import select_device
     from core.errors import CMBError
     from core.outputs import StagedOutput
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     fd, log_name = tempfile.mkstemp(prefix="cmb-app-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
+    # progress lines go to the terminal (stderr as it was before the framework's log took fd 2)
+    progress_stream = os.fdopen(os.dup(2), "w", buffering=1)
+    progress.attach(progress_stream, total_steps=N_STEPS)
     try:
         with _framework_log(None if debug else log_path):
             CMBApp(config).run()
@@ -119,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(log_path, stage.path / "app.log")
         written = stage.commit()
     except CMBError as exc:
+        progress.attach(None)
         stage.abort()
         log_path.unlink(missing_ok=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line for the operator; details stay in the log
+        progress.attach(None)
         stage.abort()
         print(f"error: internal failure: {type(exc).__name__}: {exc} (log: {log_path})", file=sys.stderr)
         if debug:
@@ -144,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microbleeds: {d['n_microbleeds']} (mimics listed separately: {d['n_mimics']}); "
               f"findings: {out / 'findings.json'}, report: {out / 'cmb_summary.txt'}, DICOM: {out / 'dicom' / 'cmb'}")
     print(f"wrote {len(written)} file(s) to {out}")
+    extra = {}
+    if "qsm" in summary:
+        extra["QSM steps (s)"] = {k: v for k, v in summary["qsm"]["seconds"].items() if k != "total"}
+    if "detection" in summary:
+        d = summary["detection"]["seconds"]
+        extra["detection steps (s)"] = {k[:-2]: d[k] for k in ("stage1_s", "conv_s", "vnet_s", "resnet_s") if k in d}
+    print(progress.timing_table(extra))
+    progress.attach(None)
+    progress_stream.close()
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from core import progress
 from core.detect.detector import CMBDetector
 from core.findings import StudyFindings
 
@@ -54,6 +55,7 @@ class CMBDetectorOperator(Operator):
         spec.output("qsm")
         spec.output("findings")
 
+    @progress.step("detection (stage I + II)")
     def compute(self, op_input, op_output, context) -> None:
         gre, qsm = op_input.receive("gre"), op_input.receive("qsm")
         findings = detect_study(self.detector, gre, qsm, self.algorithm_version)

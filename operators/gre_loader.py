@@ -13,6 +13,7 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from core import progress
 from core.dicom.reader import load_datasets
 
 
@@ -26,5 +27,6 @@ class GREStudyLoaderOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.output("datasets")
 
+    @progress.step("read DICOM")
     def compute(self, op_input, op_output, context) -> None:
         op_output.emit(load_datasets(self.input_folder), "datasets")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from core import progress
 from core.dicom.reader import frames_from_dataset, select_gre
 
 
@@ -23,6 +24,7 @@ class GRESeriesSelectorOperator(Operator):
         spec.input("datasets")
         spec.output("gre")
 
+    @progress.step("select series, build volume")
     def compute(self, op_input, op_output, context) -> None:
         datasets = op_input.receive("datasets")
         frames = [f for ds in datasets for f in frames_from_dataset(ds)]

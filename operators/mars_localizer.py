@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from core import progress
 from core.findings import StudyFindings
 from core.localize import localize, mars_table
 from core.registration import TemplateRegistration, register_template
@@ -38,6 +39,7 @@ class MarsLocalizerOperator(Operator):
         spec.output("findings")
         spec.output("mars")
 
+    @progress.step("MARS localisation")
     def compute(self, op_input, op_output, context) -> None:
         gre = op_input.receive("gre")
         qsm = op_input.receive("qsm")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from core import progress
 from core.qsm.pipeline import reconstruct
 
 
@@ -28,6 +29,7 @@ class QSMReconstructionOperator(Operator):
         spec.output("gre")
         spec.output("qsm")
 
+    @progress.step("QSM reconstruction")
     def compute(self, op_input, op_output, context) -> None:
         gre = op_input.receive("gre")
         qsm = reconstruct(gre.magnitude, gre.phase_rad, gre.echo_times_s, gre.field_strength_t,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from monai.deploy.core import OperatorSpec
 
+from core import progress
 from core.dicom.derived import write_qsm_series
 from core.nifti import save_nifti
 from operators._writer import OutputWriterOperator
@@ -41,6 +42,7 @@ class QSMWriterOperator(OutputWriterOperator):
         spec.output("gre")
         spec.output("qsm")
 
+    @progress.step("QSM series + NIfTI")
     def compute(self, op_input, op_output, context) -> None:
         gre, qsm = op_input.receive("gre"), op_input.receive("qsm")
         write_qsm_outputs(gre, qsm, self.output_folder, self.algorithm_version)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from monai.deploy.core import OperatorSpec
 
+from core import progress
 from core.findings import StudyFindings
 from core.report import write_reports
 from operators._writer import OutputWriterOperator
@@ -64,6 +65,7 @@ class CMBReportWriterOperator(OutputWriterOperator):
         spec.input("findings")
         spec.output("findings")
 
+    @progress.step("SR, SEG, key images")
     def compute(self, op_input, op_output, context) -> None:
         gre, qsm = op_input.receive("gre"), op_input.receive("qsm")
         findings = op_input.receive("findings")

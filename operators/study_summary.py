@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from core import progress
 from core.dicom.volume import GREVolume
 from core.nifti import save_nifti
 
@@ -70,6 +71,7 @@ class StudySummaryWriterOperator(Operator):
         spec.input("findings")
         spec.input("mars")
 
+    @progress.step("study summary")
     def compute(self, op_input, op_output, context) -> None:
         write_study_summary(op_input.receive("gre"), self.output_folder, qsm=op_input.receive("qsm"),
                             findings=op_input.receive("findings"), mars=op_input.receive("mars"),
