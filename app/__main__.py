@@ -1,4 +1,5 @@
-"""Command line: ``python -m app -i IN -o OUT [-m MODELS] [--phase-flip] [--qsm-method star|tkd]``.
+"""Command line: ``python -m app -i IN -o OUT [-m MODELS] [--phase-flip] [--qsm-method star|tkd]
+[--device auto|cpu|cuda] [--no-input-copies]``, or ``--job-from-stdin`` instead of ``-i``/``-o``.
 
 Paths fall back to the MONAI Deploy environment variables ``HOLOSCAN_INPUT_PATH``,
 ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``. Exit status: 0 success; 2 unusable input or
@@ -79,17 +80,41 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    default=os.environ.get("CMB_INPUT_COPIES", "1").lower() not in ("0", "false", "no"),
                    help="do not write magnitude.nii.gz / phase.nii.gz (copies of the input, ~100 MB each "
                         "at 1 mm; the DICOM node needs none of them: env CMB_INPUT_COPIES=0)")
+    p.add_argument("--job-from-stdin", action="store_true",
+                   help="import everything, then read the job as one JSON line {\"input\": DIR, \"output\": DIR} "
+                        "on stdin (the DICOM node starts the app ahead of its job this way); exit 0 at end-of-file")
     p.add_argument("-l", "--log-level", default=os.environ.get("HOLOSCAN_LOG_LEVEL", "WARN"))
     return p.parse_args(argv)
 
 
+def _warm_imports() -> None:
+    """Import what the steps import lazily, so a prestarted app has paid for them before its job."""
+    import importlib
+
+    for name in ("highdicom", "nibabel", "SimpleITK", "skimage.filters", "skimage.restoration"):
+        importlib.import_module(name)
+
+
+def _job_from_stdin(args: argparse.Namespace) -> bool:
+    """Read ``{"input": ..., "output": ...}`` (one line) into ``args``; False at end-of-file."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return False
+    try:
+        job = json.loads(line)
+        args.input, args.output = Path(job["input"]), Path(job["output"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"job on stdin is not {{\"input\": ..., \"output\": ...}}: {exc}") from None
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.input is None or args.output is None:
+    if not args.job_from_stdin and (args.input is None or args.output is None):
         print("error: input and output folders are required (-i/-o or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH)",
               file=sys.stderr)
         return 2
-    if not Path(args.input).is_dir():
+    if not args.job_from_stdin and not Path(args.input).is_dir():
         print(f"error: input folder does not exist: {args.input}", file=sys.stderr)
         return 2
     os.environ["HOLOSCAN_LOG_LEVEL"] = args.log_level.upper()
@@ -107,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     except CMBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.job_from_stdin:
+        _warm_imports()
+        try:
+            if not _job_from_stdin(args):
+                return 0  # end-of-file before a job: the node stopped or no longer needs this process
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not Path(args.input).is_dir():
+            print(f"error: input folder does not exist: {args.input}", file=sys.stderr)
+            return 2
 
     debug = args.log_level.upper() == "DEBUG"
     stage = StagedOutput(Path(args.output))

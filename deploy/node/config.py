@@ -26,6 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_APP_COMMAND: tuple[str, ...] = (sys.executable, "-m", "app", "-i", "{input}", "-o", "{output}",
                                         "--no-input-copies")
+#: The same app started ahead of its job, which it then reads from stdin (see deploy/node/worker.py).
+DEFAULT_PRESTART_COMMAND: tuple[str, ...] = (sys.executable, "-m", "app", "--job-from-stdin",
+                                             "--no-input-copies")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class AppConfig:
     #: a successful run must leave at least one DICOM file to deliver; False accepts a run that
     #: wrote none (the job ends 'done' with no deliveries), e.g. while the app has no DICOM output
     require_dicom_results: bool = True
+    #: started before a job exists (the app's imports, ~8 s on 2 cores, are then done when the
+    #: study completes) and handed the job as one JSON line on stdin; None = start ``command`` per job
+    prestart_command: tuple[str, ...] | None = DEFAULT_PRESTART_COMMAND
 
 
 @dataclass(frozen=True)
@@ -343,6 +349,22 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
         raise ConfigError("app.command: must contain the placeholders {input} and {output}")
     if command[0] == "python":
         command = [sys.executable, *command[1:]]
+    # a custom command has no prestart unless one is given; the default app has one
+    raw_app = r.data.get("app") or {}
+    default_pre = list(DEFAULT_PRESTART_COMMAND) if "command" not in raw_app else None
+    if "prestart_command" in raw_app and raw_app["prestart_command"] is None:
+        apr.used.add("prestart_command")  # null: no prestart
+        prestart = None
+    else:
+        prestart = apr.get("prestart_command", default_pre)
+    if prestart is not None:
+        if (not isinstance(prestart, list) or not prestart
+                or not all(isinstance(c, str) and c for c in prestart)):
+            raise ConfigError(f"app.prestart_command: expected a non-empty list of strings or null, got {prestart!r}")
+        if "{input}" in " ".join(prestart) or "{output}" in " ".join(prestart):
+            raise ConfigError("app.prestart_command: takes its job on stdin, so it has no {input}/{output}")
+        if prestart[0] == "python":
+            prestart = [sys.executable, *prestart[1:]]
     cwd = Path(apr.string("cwd", str(REPO_ROOT)))
     cwd = cwd if cwd.is_absolute() else base_dir / cwd
     app = AppConfig(
@@ -351,6 +373,7 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
         max_attempts=int(apr.number("max_attempts", 2, minimum=1, integer=True)),
         cwd=cwd,
         require_dicom_results=apr.boolean("require_dicom_results", True),
+        prestart_command=tuple(prestart) if prestart is not None else None,
     )
     apr.finish()
 

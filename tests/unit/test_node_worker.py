@@ -185,3 +185,67 @@ def test_stop_orphan_app_kills_only_a_process_naming_the_attempt_folder(tmp_path
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+PRESTART_APP = """import json, os, shutil, sys, pathlib, time
+print('prestarted', os.getpid(), flush=True)
+line = sys.stdin.readline()
+if not line.strip():
+    sys.exit(0)
+job = json.loads(line)
+inp, out = pathlib.Path(job['input']), pathlib.Path(job['output'])
+files = sorted(inp.rglob('*.dcm'))
+print('job inputs', len(files), flush=True)
+shutil.copy(files[0], out / 'result.dcm')
+"""
+
+
+def _prestart_setup(tmp_path: Path, script: str):
+    (tmp_path / "pre.py").write_text(script)
+    return setup(tmp_path, COPY_APP, destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 1}],
+                 app={"command": [sys.executable, str(tmp_path / "app.py"), "{input}", "{output}"],
+                      "prestart_command": [sys.executable, str(tmp_path / "pre.py")],
+                      "timeout_seconds": 20, "max_attempts": 2})
+
+
+def test_prestarted_app_gets_the_job_on_stdin_and_a_new_one_is_started(tmp_path: Path) -> None:
+    cfg, sp, q, worker, clock, done = _prestart_setup(tmp_path, PRESTART_APP)
+    assert cfg.app.prestart_command == (sys.executable, str(tmp_path / "pre.py"))
+    worker._prestart()
+    first = worker._ready[0]
+    assert worker.run_once() is True
+    job = q.snapshot()["jobs"][0]
+    assert job["state"] == "done" and job["n_results"] == 1, job
+    log = (sp.job_dir(1) / "attempt-1" / "app.log").read_text()
+    assert log.splitlines() == [f"prestarted {first.pid}", "job inputs 2"]  # the prestarted one ran it
+    assert job["app_pid"] is None or job["app_pid"] == first.pid
+    assert not (sp.jobs / "prestart-w.log").read_text().startswith(f"prestarted {first.pid}")
+    second = worker._ready[0]
+    assert second.pid != first.pid and second.poll() is None  # the next one waits for its job
+    worker.stop()
+    assert second.wait(timeout=10) == 0  # end-of-file on stdin: it exits without doing anything
+
+
+def test_dead_prestarted_app_falls_back_to_the_command(tmp_path: Path) -> None:
+    cfg, sp, q, worker, clock, done = _prestart_setup(tmp_path, "import sys; sys.exit(7)")
+    worker._prestart()
+    worker._ready[0].wait(timeout=10)
+    assert worker.run_once() is True
+    job = q.snapshot()["jobs"][0]
+    assert job["state"] == "done" and job["n_results"] == 1
+    assert "inputs 2" in (sp.job_dir(1) / "attempt-1" / "app.log").read_text()  # COPY_APP ran
+    worker.stop()
+
+
+def test_prestart_config(tmp_path: Path) -> None:
+    from deploy.node.config import DEFAULT_PRESTART_COMMAND, ConfigError
+
+    base = {"ae_title": "NODE", "port": 11112, "spool": "spool"}
+    assert parse_config(base, tmp_path).app.prestart_command == DEFAULT_PRESTART_COMMAND
+    custom = {"command": ["x", "{input}", "{output}"]}
+    assert parse_config({**base, "app": custom}, tmp_path).app.prestart_command is None
+    assert parse_config({**base, "app": {"prestart_command": None}}, tmp_path).app.prestart_command is None
+    with pytest.raises(ConfigError, match="no {input}"):
+        parse_config({**base, "app": {**custom, "prestart_command": ["x", "{input}"]}}, tmp_path)
+    with pytest.raises(ConfigError, match="prestart_command"):
+        parse_config({**base, "app": {"prestart_command": "python -m app"}}, tmp_path)
