@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     fd, log_name = tempfile.mkstemp(prefix="cmb-app-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
-    # progress lines go to the terminal (stderr as it was before the framework's log took fd 2)
-    progress_stream = os.fdopen(os.dup(2), "w", buffering=1)
+    # progress lines go to stdout as it was before the framework's log took fds 1 and 2 (stderr
+    # keeps the one-line error of a failed run)
+    progress_stream = os.fdopen(os.dup(1), "w", buffering=1)
     progress.attach(progress_stream, total_steps=N_STEPS)
     try:
         with _framework_log(None if debug else log_path):
@@ -162,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         written = stage.commit()
     except CMBError as exc:
         progress.attach(None)
+        progress_stream.close()
         stage.abort()
         log_path.unlink(missing_ok=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line for the operator; details stay in the log
         progress.attach(None)
+        progress_stream.close()
         stage.abort()
         print(f"error: internal failure: {type(exc).__name__}: {exc} (log: {log_path})", file=sys.stderr)
         if debug:

@@ -2,6 +2,7 @@
 app (``python -m app -i {input} -o {output}``) and sends the app's DICOM results to Orthanc.
 
     python -m bench.end_to_end [--voxel-mm 3 3 3] [--quiet 2] [--out bench/results/end_to_end.json]
+        [--baseline DIR]   # also run an older checkout (e.g. a git worktree) on the same study, in one run
 
 Reported, in seconds, from the last instance received (the study's ``last_received`` in the
 node's queue): to the job being queued (the quiet period ``study_quiet_seconds``), to the app
@@ -35,6 +36,7 @@ from deploy.node.queue import Queue
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 NODE_AET, SCU_AET = "CMB_NODE", "BENCH_SCU"
+SR_3D, SEG = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def _http_json(url: str) -> Any:
@@ -42,34 +44,33 @@ def _http_json(url: str) -> Any:
         return json.loads(r.read())
 
 
-def start_node(root: Path, orthanc_port: int, quiet: float) -> tuple[subprocess.Popen[bytes], int]:
-    """The node with the real app and Orthanc as destination; returns (process, DICOM port)."""
+def start_node(root: Path, orthanc_port: int, quiet: float,
+               repo: Path = REPO) -> tuple[subprocess.Popen[bytes], int]:
+    """The node of ``repo`` with the real app (its default command, so its default prestart) and
+    Orthanc as destination; returns (process, DICOM port)."""
     port = free_port()
     cfg = {"ae_title": NODE_AET, "port": port, "bind": "127.0.0.1", "spool": str(root / "spool"),
            "allowed_calling_aets": [SCU_AET], "study_quiet_seconds": quiet, "min_free_mb": 1,
            "workers": 1, "poll_seconds": 0.1,
            "destinations": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}],
            "retry": {"max_attempts": 5, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2},
-           "app": {"command": ["python", "-m", "app", "-i", "{input}", "-o", "{output}"],
-                   "timeout_seconds": 600, "max_attempts": 1,
-                   # today's app writes no DICOM yet: measure to 'done' (see module doc)
-                   "require_dicom_results": False}}
+           "app": {"timeout_seconds": 600, "max_attempts": 1, "require_dicom_results": False}}
     root.mkdir(parents=True, exist_ok=True)
     (root / "node.yaml").write_text(yaml.safe_dump(cfg))
     with open(root / "node.log", "wb") as log:
         proc = subprocess.Popen([PY, "-m", "deploy.node", "--config", str(root / "node.yaml")],
-                                cwd=REPO, stdout=log, stderr=log)
+                                cwd=repo, stdout=log, stderr=log)
     wait_echo(port, NODE_AET)
     return proc, port
 
 
 def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
-                   timeout: float = 600.0) -> dict[str, Any]:
+                   timeout: float = 600.0, repo: Path = REPO) -> dict[str, Any]:
     """Push ``study_dir`` through node -> app -> Orthanc and time each stage (see module doc)."""
     orthanc, o_dicom, o_http = start_orthanc(work / "orthanc")
     node = None
     try:
-        node, port = start_node(work / "node", o_dicom, quiet)
+        node, port = start_node(work / "node", o_dicom, quiet, repo)
         n_files = sum(1 for p in study_dir.rglob("*") if p.is_file())
         t0 = time.time()
         push = subprocess.run(["storescu", "-aet", SCU_AET, "-aec", NODE_AET, "+sd", "+r",
@@ -112,6 +113,10 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
                 return None
             s = wait_for(delivered, timeout, "the results to reach Orthanc", interval=0.05)
             t_stored = max(float(d["delivered_at"]) for d in s["deliveries"])
+            sr_seg = [float(d["delivered_at"]) for d in s["deliveries"]
+                      if d["sop_class_uid"] in (SR_3D, SEG)]
+            if sr_seg:
+                report["seconds_last_instance_to_sr_and_seg_in_orthanc"] = round(max(sr_seg) - last, 2)
 
             def job_delivered() -> dict[str, Any] | None:
                 jobs = queue.snapshot()["jobs"]
@@ -149,11 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voxel-mm", type=float, nargs=3, default=(3.0, 3.0, 3.0))
     ap.add_argument("--quiet", type=float, default=2.0, help="node study_quiet_seconds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "end_to_end.json")
+    ap.add_argument("--baseline", type=Path, help="an older checkout to run on the same study first "
+                    "(e.g. git worktree add /tmp/base <commit>); the report then holds both")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cmb-e2e-") as tmp:
         work = Path(tmp)
         study = args.study or simulate_study(work / "sim", tuple(args.voxel_mm))
-        report = run_end_to_end(study, work, quiet=args.quiet)
+        if args.baseline:
+            base = run_end_to_end(study, work / "baseline", quiet=args.quiet, repo=args.baseline.resolve())
+            base["code"] = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip()
+        report = run_end_to_end(study, work / "current", quiet=args.quiet)
+        report["code"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True).stdout.strip()
+        if args.baseline:
+            report = {"current": report, "baseline": base,
+                      "order": "baseline first, then current, on the same simulated study"}
     report = {"simulated": args.study is None,
               "study": (f"training.simulate --subjects 1 --seed 1 --voxel-mm "
                         f"{' '.join(str(v) for v in args.voxel_mm)}" if args.study is None
