@@ -245,6 +245,14 @@ def _existing_file(r: _Reader, name: str, base: Path) -> Path:
     return path
 
 
+def _command(value: Any, key: str, alternative: str = "") -> list[str]:
+    """A command line from the config: a non-empty list of non-empty strings; a leading ``python``
+    becomes the node's own interpreter."""
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+        raise ConfigError(f"{key}: expected a non-empty list of strings{alternative}, got {value!r}")
+    return [sys.executable, *value[1:]] if value[0] == "python" else list(value)
+
+
 def default_triggers() -> tuple[TriggerRule, ...]:
     """Rules used when the config has no ``triggers`` key: GRE magnitude+phase, QSM, SWI."""
     return (
@@ -340,31 +348,21 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
         triggers = tuple(rules)
 
     apr = _Reader(r.get("app", {}), "app")
-    command = apr.get("command", list(DEFAULT_APP_COMMAND))
-    if (not isinstance(command, list) or not command
-            or not all(isinstance(c, str) and c for c in command)):
-        raise ConfigError(f"app.command: expected a non-empty list of strings, got {command!r}")
+    command = _command(apr.get("command", list(DEFAULT_APP_COMMAND)), "app.command")
     joined = " ".join(command)
     if "{input}" not in joined or "{output}" not in joined:
         raise ConfigError("app.command: must contain the placeholders {input} and {output}")
-    if command[0] == "python":
-        command = [sys.executable, *command[1:]]
     # a custom command has no prestart unless one is given; the default app has one
-    raw_app = r.data.get("app") or {}
-    default_pre = list(DEFAULT_PRESTART_COMMAND) if "command" not in raw_app else None
-    if "prestart_command" in raw_app and raw_app["prestart_command"] is None:
+    if "prestart_command" in apr.data and apr.data["prestart_command"] is None:
         apr.used.add("prestart_command")  # null: no prestart
         prestart = None
     else:
+        default_pre = list(DEFAULT_PRESTART_COMMAND) if "command" not in apr.data else None
         prestart = apr.get("prestart_command", default_pre)
     if prestart is not None:
-        if (not isinstance(prestart, list) or not prestart
-                or not all(isinstance(c, str) and c for c in prestart)):
-            raise ConfigError(f"app.prestart_command: expected a non-empty list of strings or null, got {prestart!r}")
+        prestart = _command(prestart, "app.prestart_command", " or null")
         if "{input}" in " ".join(prestart) or "{output}" in " ".join(prestart):
             raise ConfigError("app.prestart_command: takes its job on stdin, so it has no {input}/{output}")
-        if prestart[0] == "python":
-            prestart = [sys.executable, *prestart[1:]]
     cwd = Path(apr.string("cwd", str(REPO_ROOT)))
     cwd = cwd if cwd.is_absolute() else base_dir / cwd
     app = AppConfig(
