@@ -108,20 +108,25 @@ def _job_from_stdin(args: argparse.Namespace) -> bool:
     return True
 
 
+def _paths_error(args: argparse.Namespace) -> str | None:
+    """Why the input/output folders cannot be used, or None."""
+    if args.input is None or args.output is None:
+        return "input and output folders are required (-i/-o or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH)"
+    if not Path(args.input).is_dir():
+        return f"input folder does not exist: {args.input}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if not args.job_from_stdin and (args.input is None or args.output is None):
-        print("error: input and output folders are required (-i/-o or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH)",
-              file=sys.stderr)
-        return 2
-    if not args.job_from_stdin and not Path(args.input).is_dir():
-        print(f"error: input folder does not exist: {args.input}", file=sys.stderr)
+    if not args.job_from_stdin and (problem := _paths_error(args)):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     os.environ["HOLOSCAN_LOG_LEVEL"] = args.log_level.upper()
     _raise_stack_limit()
     warnings.filterwarnings("ignore", message=".*stack size.*")
 
-    from app.app import AppConfig, CMBApp
+    from app.app import AppConfig  # imports the whole chain (a prestarted app pays it here)
     from core import progress
     from core.device import select_device
     from core.errors import CMBError
@@ -140,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        if not Path(args.input).is_dir():
-            print(f"error: input folder does not exist: {args.input}", file=sys.stderr)
+        if problem := _paths_error(args):
+            print(f"error: {problem}", file=sys.stderr)
             return 2
 
     debug = args.log_level.upper() == "DEBUG"
@@ -156,21 +161,30 @@ def main(argv: list[str] | None = None) -> int:
     progress_stream = os.fdopen(os.dup(1), "w", buffering=1)
     progress.attach(progress_stream, total_steps=N_STEPS)
     try:
+        return _run(args, config, stage, log_path, debug)
+    finally:
+        progress.attach(None)
+        progress_stream.close()
+
+
+def _run(args: argparse.Namespace, config, stage, log_path: Path, debug: bool) -> int:
+    """Run the app with progress attached; print the outcome. Returns the exit status."""
+    from app.app import CMBApp
+    from core import progress
+    from core.errors import CMBError
+
+    try:
         with _framework_log(None if debug else log_path):
             CMBApp(config).run()
         if not debug:
             os.replace(log_path, stage.path / "app.log")
         written = stage.commit()
     except CMBError as exc:
-        progress.attach(None)
-        progress_stream.close()
         stage.abort()
         log_path.unlink(missing_ok=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line for the operator; details stay in the log
-        progress.attach(None)
-        progress_stream.close()
         stage.abort()
         print(f"error: internal failure: {type(exc).__name__}: {exc} (log: {log_path})", file=sys.stderr)
         if debug:
@@ -198,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         d = summary["detection"]["seconds"]
         extra["detection steps (s)"] = {k[:-2]: d[k] for k in ("stage1_s", "conv_s", "vnet_s", "resnet_s") if k in d}
     print(progress.timing_table(extra))
-    progress.attach(None)
-    progress_stream.close()
     return 0
 
 

@@ -164,11 +164,7 @@ def frangi_vesselness(
     work = ndimage.zoom(v, zoom, order=1) if resample else v
     out = frangi(work, sigmas=[s / iso for s in sigmas_mm], black_ridges=not bright, mode="reflect")
     if resample:
-        back = np.array(v.shape) / np.array(out.shape)
-        out = ndimage.zoom(out, back, order=1)
-        out = out[: v.shape[0], : v.shape[1], : v.shape[2]]
-        if out.shape != v.shape:
-            out = np.pad(out, [(0, a - b) for a, b in zip(v.shape, out.shape)], mode="edge")
+        out = _zoom_back(out, v.shape)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -281,8 +277,7 @@ def frangi_at_voxels(
 
 
 def _zoom_back(field: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """A field filtered on the isotropic grid brought back to the crop's ``shape`` (as
-    :func:`frangi_vesselness` does)."""
+    """A field filtered on the isotropic grid brought back (linear) to the crop's ``shape``."""
     back = np.array(shape) / np.array(field.shape)
     out = ndimage.zoom(field, back, order=1)
     out = out[: shape[0], : shape[1], : shape[2]]
