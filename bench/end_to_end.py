@@ -148,6 +148,12 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
         stop(orthanc)
 
 
+def _commit(repo: Path) -> str:
+    """Short commit id of the checkout at ``repo`` ('' if it is not a git checkout)."""
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", type=Path, help="folder of DICOM files (default: simulate one)")
@@ -162,11 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         study = args.study or simulate_study(work / "sim", tuple(args.voxel_mm))
         if args.baseline:
             base = run_end_to_end(study, work / "baseline", quiet=args.quiet, repo=args.baseline.resolve())
-            base["code"] = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
-                                          capture_output=True, text=True).stdout.strip()
+            base["code"] = _commit(args.baseline)
         report = run_end_to_end(study, work / "current", quiet=args.quiet)
-        report["code"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                        capture_output=True, text=True).stdout.strip()
+        report["code"] = _commit(REPO)
         if args.baseline:
             report = {"current": report, "baseline": base,
                       "order": "baseline first, then current, on the same simulated study"}
