@@ -1,0 +1,191 @@
+"""What a radiologist sees: the app's results in a real OHIF 3.13.2 in headless Chromium.
+
+One simulated 3 mm study (4 microbleeds + 1 calcification drawn; random-weight networks with
+thresholds 0 and stage I capped at 6 candidates, so the SEG / SR / key images are structural,
+not an accuracy claim) runs through ``python -m app``; source and results go to Orthanc with its
+DICOMweb plugin (REST ``POST /instances``); OHIF (pinned, fetched from npm, see tests/viewer/ohif.py)
+is served same-origin and driven with selenium + chromedriver. Screenshots: bench/results/viewer/.
+Locally skipped when Chromium / chromedriver / Orthanc's DICOMweb plugin are missing; in CI they fail.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, require_tool, run_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.dicom_tools]
+SHOTS = REPO / "bench" / "results" / "viewer"
+MAKE_STUDY = """
+import sys, torch
+from pathlib import Path
+from core.detect.candidates import ConvScreen
+from core.detect.detector import write_detector_json
+from core.detect.vnet import VNet
+from training.sim.dicom_writer import write_study
+from training.sim.phantom import simulate_subject
+root = Path(sys.argv[1]); d = root / "models"; d.mkdir(parents=True)
+torch.manual_seed(0)
+torch.save(ConvScreen().state_dict(), d / "convscreen.pt"); torch.save(VNet().state_dict(), d / "vnet.pt")
+write_detector_json(d, {"conv_threshold": 0.0, "vnet_threshold": 0.0,
+    "stage1": {"erosion_voxels": 1, "radii_mm": [3.0, 6.0], "max_candidates": 6},
+    "networks": {"convscreen": {"file": "convscreen.pt"}, "vnet": {"file": "vnet.pt"}}})
+write_study(simulate_subject("det", 3, voxel_mm=(3, 3, 3), n_cmb=4, n_calc=1, cmb_diameter_mm=(6, 10)),
+            root / "dicom", "siemens")
+"""
+
+
+def _need(path: str) -> None:
+    if not Path(path).exists():
+        msg = f"{path} is missing (Debian packages chromium, chromium-driver, orthanc-dicomweb; see .ci/run)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory):
+    from tests.viewer.ohif import DICOMWEB_PLUGIN, ViewerServer, ohif_dist, start_orthanc_dicomweb, stop, upload
+
+    require_tool("Orthanc")
+    for p in ("/usr/bin/chromium", "/usr/bin/chromedriver", str(DICOMWEB_PLUGIN)):
+        _need(p)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    root = tmp_path_factory.mktemp("viewer")
+    subprocess.run([sys.executable, "-c", MAKE_STUDY, str(root)], cwd=REPO, check=True, timeout=300)
+    proc = run_app(root / "dicom", root / "out", "-m", str(root / "models"), "--no-input-copies")
+    assert proc.returncode == 0, proc.stderr
+    files = sorted((root / "dicom").rglob("*.dcm")) + sorted((root / "out" / "dicom").rglob("*.dcm"))
+    findings = json.loads((root / "out" / "findings.json").read_text())
+    orthanc, port = start_orthanc_dicomweb(root / "orthanc")
+    o = webdriver.ChromeOptions()
+    o.binary_location = "/usr/bin/chromium"
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
+              f"--user-data-dir={root / 'chromium'}"):
+        o.add_argument(a)
+    try:
+        upload(files, port)
+        with ViewerServer(ohif_dist(), port) as srv:
+            driver = webdriver.Chrome(options=o, service=Service("/usr/bin/chromedriver"))
+            try:
+                SHOTS.mkdir(parents=True, exist_ok=True)
+                yield dict(driver=driver, url=srv.url, findings=findings, n_files=len(files))
+            finally:
+                driver.quit()
+    finally:
+        stop(orthanc)
+
+
+def _wait(driver, js: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = driver.execute_script(js)
+        if v:
+            return v
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for: {js}")
+
+
+def _skip_tour(driver) -> None:
+    for b in driver.find_elements("xpath", "//*[normalize-space(text())='Skip all']"):
+        if b.is_displayed():
+            b.click()
+
+
+def _open_study(v) -> list[list]:
+    d = v["driver"]
+    from tests.viewer.ohif import REPO as _  # noqa: F401  (same module the fixture used)
+    uid = v["findings"]["study_instance_uid"]
+    if "viewer" not in d.current_url:
+        d.get(f"{v['url']}/viewer?StudyInstanceUIDs={uid}")
+    return _wait(d, "const s=window.services; if(!s) return null; const a=s.displaySetService"
+                    ".getActiveDisplaySets(); return a.length>=6 ? a.map(x=>[x.SeriesDescription,x.Modality,"
+                    "x.displaySetInstanceUID]) : null")
+
+
+def _show(v, prefix: str) -> None:
+    v["driver"].execute_script(
+        "const s=window.services; const ds=s.displaySetService.getActiveDisplaySets()"
+        ".find(d=>(d.SeriesDescription||'').startsWith(arguments[0]));"
+        "s.viewportGridService.setDisplaySetsForViewport({viewportId:s.viewportGridService"
+        ".getActiveViewportId(), displaySetInstanceUIDs:[ds.displaySetInstanceUID]});", prefix)
+
+
+def _viewport_pixels(driver) -> np.ndarray:
+    from PIL import Image
+
+    el = driver.find_element("css selector", "[data-viewport-uid] canvas, .cornerstone-canvas")
+    return np.asarray(Image.open(io.BytesIO(el.screenshot_as_png)).convert("L"), dtype=float)
+
+
+def test_study_list_shows_the_study(viewer) -> None:
+    d = viewer["driver"]
+    d.get(viewer["url"] + "/")
+    text = _wait(d, "const t=document.body.innerText; return t.includes('SIM, det') ? t : null")
+    assert "06-Jan-2025" in text and str(viewer["n_files"]) in text
+    assert "MR\\OT\\SEG\\SR" in text
+    d.save_screenshot(str(SHOTS / "study_list.png"))
+
+
+def test_viewer_lists_every_series(viewer) -> None:
+    sets = _open_study(viewer)
+    got = {(desc.split(" (")[0], mod) for desc, mod, _ in sets}
+    assert got == {("QSM_GRE_3D_ME", "MR"), ("QSM_GRE_3D_ME_PHA", "MR"), ("QSM STAR-QSM", "MR"),
+                   ("CMB segmentation", "SEG"), ("CMB report", "SR"), ("CMB key images", "OT")}
+
+
+def test_key_image_renders(viewer) -> None:
+    _open_study(viewer)
+    d = viewer["driver"]
+    _skip_tour(d)
+    _show(viewer, "CMB key images")
+    _wait(d, "return document.body.innerText.includes('CMB key images') && "
+             "document.querySelector('.cornerstone-canvas') ? 1 : null")
+    time.sleep(3)
+    px = _viewport_pixels(d)
+    assert px.std() > 10 and len(np.unique(px)) > 50  # the focus panels, not a blank canvas
+    d.save_screenshot(str(SHOTS / "key_image.png"))
+
+
+def test_seg_loads_as_one_segmentation(viewer) -> None:
+    _open_study(viewer)
+    d = viewer["driver"]
+    _skip_tour(d)
+    _show(viewer, "CMB segmentation")
+    segs = _wait(d, "const g=window.services.segmentationService.getSegmentations(); return g.length ? "
+                    "JSON.stringify(g.map(s=>({label:s.label, segments:Object.values(s.segments)"
+                    ".filter(Boolean).map(x=>x.label)}))) : null", timeout=90)
+    segs = json.loads(segs)
+    kinds = {f["kind"] for f in viewer["findings"]["findings"]}
+    expected = {"Cerebral microbleeds"} | ({"Calcification mimics"} if "calcification" in kinds else set())
+    assert len(segs) == 1 and segs[0]["label"].startswith("CMB segmentation")
+    assert set(segs[0]["segments"]) == expected or (len(segs[0]["segments"]) == len(expected)
+                                                  and "Cerebral microbleeds" in segs[0]["segments"])
+    d.save_screenshot(str(SHOTS / "seg.png"))
+
+
+@pytest.mark.xfail(strict=True, reason="our SR has SCOORD3D only: OHIF 3.13 skips it ('not rehydratable'); "
+                                       "image-referenced SCOORD is being added on branch sr")
+def test_sr_lists_every_microbleed(viewer) -> None:
+    _open_study(viewer)
+    d = viewer["driver"]
+    _skip_tour(d)
+    _show(viewer, "CMB report")
+    time.sleep(10)
+    d.save_screenshot(str(SHOTS / "sr.png"))
+    labels = d.execute_script("return window.services.measurementService.getMeasurements().map(m=>m.label)")
+    n = sum(f["kind"] == "cmb" for f in viewer["findings"]["findings"])
+    assert n >= 1 and sorted(labels) == sorted(f"Microbleed {i}" for i in range(1, n + 1))
