@@ -15,9 +15,27 @@ What :func:`write_sr` puts in the report (DESIGN.md section 4, "SR"):
   deposits) when a SEG exists, else a POINT volume surface at the centre; measurements
   diameter (mm), volume (mm3), mean magnetic susceptibility (UCUM ``[ppm]``), detection probability
   (UCUM ``1``); qualitative evaluations MARS category and certainty (definite / possible);
+* before each finding's volumetric group, one TID 1410 planar group with the same tracking
+  identifier and tracking UID (one finding, two views of it): a SCOORD CIRCLE "Image Region"
+  (DCM 111030) on the first-echo magnitude image of the slice nearest the centre (``round(k)``;
+  for Enhanced MR the frame number), centre at pixel ``(i + 0.5, j + 0.5)`` (PS3.3 C.18.6.1.1:
+  (column, row), top-left corner of the top-left pixel at (0, 0)), second point on the
+  circumference at the finding's radius; finding type, category and site as in the 3D group.
+  Why: image viewers draw 2D SCOORDs on the referenced image; OHIF 3.x (its cornerstone-dicom-sr
+  extension, read from its source) merges measurement groups that share a Tracking Unique
+  Identifier and takes the first SCOORD/SCOORD3D of the merged group as the drawn graphic, so the
+  planar group comes first; it draws POINT (as an arrow), POLYLINE, CIRCLE and ELLIPSE, and
+  needs an Image Library;
+* an Image Library (TID 1600) listing the images those circles reference (highdicom's
+  ``referenced_images``; its entries cannot describe a frame of a multi-frame image, so for
+  Enhanced MR the entry is described from the frame's plane and given its frame number by hand,
+  :func:`_library_images`);
+* in every group, TID 4019 algorithm identification: name ``CMB-QSM``, the version, and the
+  operating point (``findings.parameters``, set by the detector) as Algorithm Parameters;
 * one TID 1501 summary group (tracking identifier ``Microbleed summary``): total number of
   microbleeds, the number per MARS region (finding site + laterality), per MARS category, and the
-  number of mimics. A negative study therefore still has one group, saying 0 microbleeds.
+  number of mimics. A negative study therefore still has one group, saying 0 microbleeds (and no
+  Image Library: nothing is drawn).
 
 Evidence: the source first-echo magnitude images (or the Enhanced MR instance) and the SEG.
 UIDs from :mod:`core.uids` (kind ``"SR CMB"``).
