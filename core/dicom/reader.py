@@ -475,6 +475,8 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
         phase_series_uid=b.first.series_instance_uid,
         patient=patient,
         source_datasets=sources,
+        slice_references=[(str(f.dataset.SOPClassUID), f.sop_instance_uid, f.frame_number)
+                          for f in first_echo] if all(f.dataset is not None for f in first_echo) else [],
         notes=notes,
     )
 

@@ -33,6 +33,9 @@ class GREVolume:
             (strings, copied from the source for the result objects).
         source_datasets: first-echo magnitude datasets (headers, sorted by slice position) or the
             single Enhanced MR dataset: what SEG / SR reference as their source images.
+        slice_references: one ``(SOPClassUID, SOPInstanceUID, frame number or None)`` per slice
+            ``k`` of the first echo, in ``k`` order: the image an SR SCOORD on slice ``k`` points
+            at (frame number 1-based, for a multi-frame source; ``None`` for classic images).
         notes: non-fatal observations made while loading (e.g. "EchoNumbers missing: ordered by
             EchoTime").
     """
@@ -50,6 +53,7 @@ class GREVolume:
     phase_series_uid: str = ""
     patient: dict = field(default_factory=dict)
     source_datasets: list = field(default_factory=list, repr=False)
+    slice_references: list = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
 
     @property
