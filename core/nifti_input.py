@@ -8,7 +8,7 @@ What is read (one folder, recursively; every ``*.nii`` / ``*.nii.gz`` with its `
   M/MAGNITUDE, P/PHASE, REAL, IMAGINARY), the file name only when ImageType says nothing: dcm2niix
   suffixes ``_ph``, ``_real``, ``_imaginary``; BIDS ``part-mag|phase|real|imag``. A QSM map is a file
   whose sidecar has ``"Quantity": "susceptibility"`` (or ImageType ``QSM``), or whose name holds
-  ``Chimap``, ``QSM`` or a ``chi`` word; a brain mask one whose name holds ``mask``.
+  ``Chimap`` or ends in ``qsm`` / ``chi``; a brain mask one whose name holds ``mask``.
 * **Echoes**: one file per echo (dcm2niix's default, ``_e1``, ``_e2``...; BIDS ``echo-1``), each with
   ``EchoTime`` in seconds; a 4-D file is split along its 4th axis when ``EchoTime`` is a list of that
   length. Echoes are ordered by EchoTime; magnitude and phase must hold the same echo times.
@@ -63,7 +63,9 @@ _AFFINE_TOL_MM = 0.01
 #: A susceptibility map in ppm: brain tissue within a few ppm; larger magnitudes mean ppb or a field map.
 QSM_MAX_ABS_PPM = 20.0
 
-_QSM_NAME = re.compile(r"(chimap|qsm|(^|[_.-])chi([_.-]|$))", re.IGNORECASE)
+# "Chimap" anywhere (BIDS suffix); "qsm" / "chi" only as the name's last word, since protocol names
+# such as "QSM_GRE_3D_ME" (dcm2niix names files after them) hold magnitude and phase
+_QSM_NAME = re.compile(r"(chimap|(^|[_.-])(qsm|chi)$)", re.IGNORECASE)
 _MASK_NAME = re.compile(r"mask", re.IGNORECASE)
 _NAME_COMPONENT = (  # (pattern on the file stem, component); first match wins
     (re.compile(r"(_ph$|_ph_|part-phase|_phase($|_))", re.IGNORECASE), "P"),
@@ -441,8 +443,19 @@ def _build_gre(files: NiftiFiles, first: list[_Volume], second: list[_Volume] | 
     return gre
 
 
+def _refuse_unreadable(files: NiftiFiles) -> None:
+    """A NIfTI file that nothing classifies and that has no sidecar: say so instead of ignoring it."""
+    for p in files.by_kind[None]:
+        if files.sidecars[p] is None:
+            raise NiftiInputError(
+                f"{p.name} has no JSON sidecar ({nifti_stem(p)}.json): cannot tell magnitude from phase, nor read "
+                f"EchoTime (dcm2niix writes sidecars with -b y)"
+            )
+
+
 def _pair(files: NiftiFiles, notes: list[str]) -> tuple[list[_Volume], list[_Volume] | None]:
     k = files.by_kind
+    _refuse_unreadable(files)
     if k["M"] and k["P"]:
         mags, phases = _echo_stack(files, "M", notes), _echo_stack(files, "P", notes)
     elif k["R"] and k["I"]:
@@ -487,6 +500,7 @@ def load_nifti_qsm(folder: Path) -> GREVolume:
     from core.qsm.pipeline import QSMResult
 
     files = scan_nifti(folder)
+    _refuse_unreadable(files)
     notes: list[str] = []
     qsm_files = files.by_kind["QSM"]
     if len(qsm_files) != 1:
