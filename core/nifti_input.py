@@ -53,7 +53,7 @@ from core.dicom.classic import component_from_image_type
 from core.dicom.phase_scaling import phase_to_radians, wrap
 from core.dicom.volume import GREVolume
 from core.errors import DicomInputError, NiftiInputError
-from core.geometry import LPS_TO_RAS, Geometry
+from core.geometry import LPS_TO_RAS, Geometry, snap_affine
 from core.physics import GAMMA_BAR_HZ_PER_T
 from core.uids import derived_uid, is_valid_uid
 
@@ -256,7 +256,7 @@ def to_lps_grid(affine_ras: np.ndarray, shape: tuple[int, int, int], sidecar: di
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     row, col = _dicom_orientation(sidecar)
     perm, flips, T = _index_transform(lps[:3, :3] / spacing, row, col, shape)
-    return lps @ T, perm, flips
+    return snap_affine(lps @ T), perm, flips
 
 
 # ============================================================================ UIDs and patient

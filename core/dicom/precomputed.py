@@ -71,7 +71,7 @@ def load_qsm_dicom(frames: list) -> GREVolume:
     magnitude = _stack_values(mag_stack).astype(np.float32)
     fa = mag_stack.first
     first_echo = mag_stack.echoes[0].frames
-    geometry = Geometry(qgeom.shape, qgeom.affine, fa.frame_of_reference_uid)
+    geometry = Geometry(qgeom.shape, qgeom.affine, fa.frame_of_reference_uid).snapped()
     b0 = next((f.field_strength_t for f in mag_stack.frames if f.field_strength_t), None)
     if b0 is None:
         raise DicomInputError(f"MagneticFieldStrength and ImagingFrequency are both missing in {mag_stack.name}")
