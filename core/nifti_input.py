@@ -522,20 +522,14 @@ def load_nifti_qsm(folder: Path) -> GREVolume:
     qsm_vol = _read(qsm_files[0], "QSM", files.sidecars[qsm_files[0]] or {}, notes)
     if len(qsm_vol) != 1:
         raise NiftiInputError(f"{qsm_files[0].name} holds {len(qsm_vol)} volumes: a QSM map is one 3-D volume")
-    qsm_vol[0].te_s = 0.0
-    grid = mags + qsm_vol
+    _check_same_grid(mags)
+    gre = _build_gre(files, mags, None, notes, phase_flip=False, kind="qsm-nifti")
+    shape = gre.magnitude.shape[1:]
+    chi = check_chi_ppm(_on_grid(qsm_vol[0], mags[0], gre.geometry), qsm_files[0].name)
     mask_vol = None
     if k["MASK"]:
         mask_vol = _read(k["MASK"][0], "MASK", files.sidecars[k["MASK"][0]] or {}, notes)[0]
-        grid.append(mask_vol)
-    _check_same_grid(grid)
-    gre = _build_gre(files, mags, None, notes, phase_flip=False, kind="qsm-nifti")
-    shape = gre.magnitude.shape[1:]
-    _, perm, flips = to_lps_grid(mags[0].affine_ras, mags[0].data.shape, mags[0].sidecar)
-    chi = _reorient(qsm_vol[0].data, perm, flips).astype(np.float32)
-    chi = check_chi_ppm(chi, qsm_files[0].name)
-    if mask_vol is not None:
-        mask = _reorient(mask_vol.data, perm, flips) > 0.5
+        mask = _on_grid(mask_vol, mags[0], gre.geometry) > 0.5
         notes.append(f"brain mask from {mask_vol.path.name}")
     else:
         from core.qsm.mask import brain_mask
@@ -547,6 +541,22 @@ def load_nifti_qsm(folder: Path) -> GREVolume:
     gre.precomputed_qsm = QSMResult(chi, mask, mask, None, None, {"total": 0.0},
                                     method="precomputed", reference=f"as provided ({qsm_files[0].name})")
     return gre
+
+
+def _on_grid(vol: _Volume, ref: _Volume, geometry: Geometry) -> np.ndarray:
+    """``vol``'s array in the layout of ``geometry`` (the magnitude's): a map written by another tool
+    may store the same grid in another axis order (our qsm.nii.gz keeps the DICOM order, dcm2niix
+    reverses two axes); it is reoriented, never resampled, and refused when the grids differ."""
+    if vol.data.ndim != 3:
+        raise NiftiInputError(f"{vol.path.name} is {vol.data.ndim}-D: expected one 3-D volume")
+    affine, perm, flips = to_lps_grid(vol.affine_ras, vol.data.shape, ref.sidecar)
+    data = _reorient(vol.data, perm, flips)
+    if data.shape != tuple(geometry.shape) or np.max(np.abs(affine - geometry.affine)) > _AFFINE_TOL_MM:
+        raise NiftiInputError(
+            f"{vol.path.name} and {ref.path.name} lie on different grids "
+            f"({'x'.join(map(str, vol.data.shape))} vs {'x'.join(map(str, ref.data.shape))} voxels or another position)"
+        )
+    return data.astype(np.float32)
 
 
 def check_chi_ppm(chi: np.ndarray, name: str) -> np.ndarray:
