@@ -442,7 +442,7 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
             slice_spacing_mm=spacing,
             n_slices=len(first_echo),
             frame_of_reference_uid=fa.frame_of_reference_uid,
-        )
+        ).snapped()  # float noise of the decimal strings removed, as for NIfTI (core.geometry.snap_affine)
     except ValueError as exc:
         raise DicomInputError(f"cannot build the image grid of {a.name}: {exc}") from exc
     b0 = next((f.field_strength_t for f in a.frames if f.field_strength_t), None)
