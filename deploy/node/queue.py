@@ -312,7 +312,8 @@ class Queue:
         """Jobs in 'received' with their study's last_received time."""
         with self._lock:
             return self._db.execute(
-                "SELECT j.id AS job_id, j.study_uid, s.last_received, s.calling_aet FROM jobs j"
+                "SELECT j.id AS job_id, j.study_uid, s.last_received, s.n_instances, s.calling_aet"
+                " FROM jobs j"
                 " JOIN studies s ON s.study_uid = j.study_uid WHERE j.state = 'received'"
                 " ORDER BY j.id").fetchall()
 

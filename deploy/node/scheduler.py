@@ -96,6 +96,9 @@ class Scheduler:
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: job id -> ((study's last_received, n_instances), complete_reason): the study is re-read
+        #: only when an instance arrived since (judged once while it waits, not on every tick)
+        self._judged: dict[int, tuple[tuple[float, int], str | None]] = {}
         self.wake = threading.Event()  # set when a job was queued (workers wait on it)
 
     def tick(self) -> list[tuple[int, str]]:
@@ -107,7 +110,12 @@ class Scheduler:
             if idle < self.quiet_seconds:
                 if not self.early_start or idle < self.guard_seconds:
                     continue
-                start_reason = self.complete_reason(row["study_uid"], row["job_id"])
+                seen = (row["last_received"], row["n_instances"])
+                judged = self._judged.get(row["job_id"])
+                if judged is None or judged[0] != seen:
+                    judged = (seen, self.complete_reason(row["study_uid"], row["job_id"]))
+                    self._judged[row["job_id"]] = judged
+                start_reason = judged[1]
                 if start_reason is None:
                     continue
                 trigger = match_trigger(self.rules, self.queue.study_series(row["study_uid"]))
@@ -116,6 +124,7 @@ class Scheduler:
             else:
                 start_reason = f"quiet period elapsed ({self.quiet_seconds:g} s)"
                 trigger = match_trigger(self.rules, self.queue.study_series(row["study_uid"]))
+            self._judged.pop(row["job_id"], None)
             if self.queue.complete_study(row["job_id"], row["study_uid"], row["last_received"],
                                          trigger, now, start_reason if trigger else None):
                 state = "queued" if trigger else "skipped"

@@ -340,3 +340,21 @@ def test_config_early_start_keys(tmp_path) -> None:
         parse_config({**base, "early_start": "yes"})
     with pytest.raises(ConfigError, match=r"^early_start_guard_seconds: must be >= 0.0, got -1$"):
         parse_config({**base, "early_start_guard_seconds": -1})
+
+
+def test_the_missing_instance_arriving_later_starts_the_study_early(tmp_path, classic) -> None:
+    clock = Clock()
+    h = _handler(tmp_path, clock)
+    files = classic["philips"]
+    _store(h, files[:-1])
+    sched = Scheduler(h.queue, default_triggers(), quiet_seconds=30, clock=clock,
+                      early_start=True, guard_seconds=1.0)
+    clock.t += 5
+    assert sched.tick() == []               # judged incomplete
+    _store(h, files[-1:])
+    clock.t += 0.5
+    assert sched.tick() == []               # inside the guard
+    clock.t += 0.5
+    assert sched.tick() == [(1, "queued")]  # judged again: complete
+    assert h.queue.job(1)["start_reason"] == (
+        f"complete: 1 series, {len(files)} instances ({len(files)} in the study)")
