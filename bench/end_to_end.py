@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -201,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"{' '.join(str(v) for v in args.voxel_mm)}" if args.study is None
                         else str(args.study)),
               **report,
-              "host": {"python": platform.python_version(), "platform": platform.platform()},
+              "host": {"python": platform.python_version(), "platform": platform.platform(),
+                       "cpus": os.cpu_count(), "load_average_1_5_15_min_at_end": [
+                           round(x, 2) for x in os.getloadavg()],
+                       "note": "shared machine (other engineers run tests on it)"},
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(json.dumps(report, indent=2))
     if args.out:
