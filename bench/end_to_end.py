@@ -8,10 +8,10 @@ app (``python -m app -i {input} -o {output}``) and sends the app's DICOM results
 Reported, in seconds, from the last instance received (the study's ``last_received`` in the
 node's queue): to the job being queued (the quiet period ``study_quiet_seconds``, or about
 ``early_start_guard_seconds`` when the node's early start found every GRE series complete: the
-report's ``start_reason`` says which), to the app starting, to the job ``done`` (app finished, results recorded), and, if the app wrote DICOM files,
-to the last of them being stored in Orthanc (``delivered``), with what arrived (SOP class, series
-description, modality). An app that writes no DICOM (today's app writes summary.json + NIfTI)
-ends at ``done`` with ``n_results`` 0, and the report says so.
+report's ``start_reason`` says which), to the app starting, to the job ``done`` (app finished,
+results recorded), and, if the app wrote DICOM files, to the last of them being stored in
+Orthanc (``delivered``), with what arrived (SOP class, series description, modality). An app
+that writes no DICOM ends at ``done`` with ``n_results`` 0, and the report says so.
 
 :func:`run_end_to_end` is also what ``tests/integration/test_node_end_to_end.py`` runs.
 """

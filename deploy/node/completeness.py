@@ -7,8 +7,9 @@ library decides completeness; the attributes and what vendors put in them are be
 
 What is recorded per instance at C-STORE time (:func:`completeness_fields`):
 
-* ``position``  ImagePositionPatient, ``orientation`` ImageOrientationPatient, ``slice_thickness``;
-* ``echo_time`` EchoTime (ms), ``echo_number`` EchoNumbers (first value);
+* ``position`` ImagePositionPatient, ``orientation`` ImageOrientationPatient,
+  ``slice_thickness_mm`` SliceThickness;
+* ``echo_time_ms`` EchoTime, ``echo_number`` EchoNumbers (first value);
 * ``echo_train_length`` EchoTrainLength (0018,0091): the number of echoes of a multi-echo GRE;
 * ``images_in_acquisition`` ImagesInAcquisition (0020,1002), ``instance_number`` InstanceNumber;
 * the component (magnitude / phase / real / imaginary) is the queue's existing ``component``;
@@ -64,8 +65,8 @@ ECHO_DECIMALS = 3
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("position", "TEXT"),
     ("orientation", "TEXT"),
-    ("slice_thickness", "REAL"),
-    ("echo_time", "REAL"),
+    ("slice_thickness_mm", "REAL"),
+    ("echo_time_ms", "REAL"),
     ("echo_number", "INTEGER"),
     ("echo_train_length", "INTEGER"),
     ("images_in_acquisition", "INTEGER"),
@@ -170,8 +171,8 @@ def completeness_fields(ds: Any, component: str) -> dict[str, Any]:
         out: dict[str, Any] = {
             "position": _text_position(ds.get("ImagePositionPatient")),
             "orientation": None,
-            "slice_thickness": _number(ds.get("SliceThickness")),
-            "echo_time": _number(ds.get("EchoTime")),
+            "slice_thickness_mm": _number(ds.get("SliceThickness")),
+            "echo_time_ms": _number(ds.get("EchoTime")),
             "echo_number": _integer(ds.get("EchoNumbers")),
             "echo_train_length": _integer(ds.get("EchoTrainLength")),
             "images_in_acquisition": _integer(ds.get("ImagesInAcquisition")),
@@ -181,8 +182,8 @@ def completeness_fields(ds: Any, component: str) -> dict[str, Any]:
         iop = _triplet(ds.get("ImageOrientationPatient"), 6)
         if iop is not None:
             out["orientation"] = "\\".join(f"{v:.4f}" for v in iop)
-        if out["echo_time"] is not None:
-            out["echo_time"] = round(out["echo_time"], ECHO_DECIMALS)
+        if out["echo_time_ms"] is not None:
+            out["echo_time_ms"] = round(out["echo_time_ms"], ECHO_DECIMALS)
         n_frames = _integer(ds.get("NumberOfFrames"))
         if n_frames is not None and n_frames >= 1 and "PerFrameFunctionalGroupsSequence" in ds:
             frames = _enhanced_frames(ds, n_frames, component)
@@ -254,12 +255,12 @@ def series_completeness(rows: Iterable[Mapping[str, Any]]) -> Verdict:
     same, orientation = _one(rows, "orientation")
     if not same or orientation is None:
         return Verdict("unknown", "orientation missing or not shared")
-    verdict = _grid([(r["position"], r["echo_time"], r["component"] or "") for r in rows],
+    verdict = _grid([(r["position"], r["echo_time_ms"], r["component"] or "") for r in rows],
                     _one(rows, "echo_train_length")[1])
     if not verdict.complete:
         return verdict
     numbers = {r["echo_number"] for r in rows}
-    n_e = len({r["echo_time"] for r in rows})
+    n_e = len({r["echo_time_ms"] for r in rows})
     if None not in numbers and len(numbers) != n_e:
         return Verdict("unknown", f"{len(numbers)} EchoNumbers for {n_e} echo times")
     same, n_images = _one(rows, "images_in_acquisition")
@@ -270,7 +271,7 @@ def series_completeness(rows: Iterable[Mapping[str, Any]]) -> Verdict:
         return Verdict("incomplete", f"{len(positions)} of {n_images} slices")
     if n_images < len(positions):
         return Verdict("unknown", f"ImagesInAcquisition {n_images} < {len(positions)} positions")
-    same, thickness = _one(rows, "slice_thickness")
+    same, thickness = _one(rows, "slice_thickness_mm")
     normal = _normal(orientation)
     if normal is None:
         return Verdict("unknown", "orientation is degenerate")

@@ -15,7 +15,7 @@ the version-2 columns with ALTER TABLE, so an existing spool keeps working)::
     instances(seq PK autoincrement, sop_instance_uid UNIQUE, study_uid, series_uid, sop_class_uid,
               transfer_syntax, path (relative to the spool), sha256, size, calling_aet, received_at,
               modality, image_type, series_description, component,
-              v2: position, orientation, slice_thickness, echo_time, echo_number, echo_train_length,
+              v2: position, orientation, slice_thickness_mm, echo_time_ms, echo_number, echo_train_length,
               images_in_acquisition, instance_number, frames -- see deploy/node/completeness.py)
     jobs(id PK, study_uid, state, trigger, attempts, reason, created_at, updated_at, started_at,
          finished_at, max_seq, n_instances, n_results, app_pid,

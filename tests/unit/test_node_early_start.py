@@ -211,7 +211,8 @@ def test_enhanced_with_a_repeated_frame_or_no_echo_train_length_is_not_complete(
 def test_a_multi_plane_localiser_is_no_gre_candidate() -> None:
     def row(orientation: str, component: str = "magnitude") -> dict:
         return {"component": component, "orientation": orientation, "frames": None}
-    axial, sagittal = "1.0000\\0.0000\\0.0000\\0.0000\\1.0000\\0.0000", "0.0000\\1.0000\\0.0000\\0.0000\\0.0000\\-1.0000"
+    axial = "1.0000\\0.0000\\0.0000\\0.0000\\1.0000\\0.0000"
+    sagittal = "0.0000\\1.0000\\0.0000\\0.0000\\0.0000\\-1.0000"
     assert not is_gre_candidate([row(axial), row(sagittal)])
     assert is_gre_candidate([row(axial), row(axial)])
     assert not is_gre_candidate([row(axial, ""), row(axial, "")])  # no image component (a T1, say)
@@ -317,7 +318,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path, classic) 
     q = Queue(path)
     assert q._db.execute("PRAGMA user_version").fetchone()[0] == 2
     old = q.find_instance("1.9.1")
-    assert (old["component"], old["echo_time"], old["frames"]) == ("phase", None, None)
+    assert (old["component"], old["echo_time_ms"], old["frames"]) == ("phase", None, None)
     assert series_completeness(q.completeness_rows("1.9")).state == "unknown"  # no evidence: quiet
     q.close()
     clock = Clock()
