@@ -33,8 +33,9 @@ distinct components:
    GE writes the number of slice locations (dcm2niix takes it as the slice count for GE, and
    notes that a ZIP x2 interpolated series has 72 there for 144 reconstructed slices); other
    readers (NiDB) also take it as the slice count. What Siemens and Philips classic images hold
-   there was not checked against real files here: absent means unknown (the quiet period), a
-   total-image count can never equal P, so it also falls back to the quiet period.
+   there was not checked against real files here: absent means unknown (the quiet period), and a
+   total-image count exceeds P (unless there is one echo and one component, where both readings
+   agree), so it also falls back to the quiet period.
    Only ``== P`` is accepted: reading it as the total count (P x E x C) would call 16 of 64
    slices x 4 echoes complete, because 16 x 4 == 64. A value above P means slices are missing;
    a value below P (interpolation) is unknown;

@@ -22,6 +22,7 @@ from deploy.node.config import default_triggers, parse_config
 from deploy.node.queue import SCHEMA, Queue
 from deploy.node.scheduler import Scheduler
 from deploy.node.scp import STATUS_SUCCESS, StoreHandler
+from deploy.node.service import reconcile
 from deploy.node.spool import Spool
 from tests.unit.test_node_scp import FakeEvent
 from training.sim.dicom_writer import write_study
@@ -359,3 +360,17 @@ def test_the_missing_instance_arriving_later_starts_the_study_early(tmp_path, cl
     assert sched.tick() == [(1, "queued")]  # judged again: complete
     assert h.queue.job(1)["start_reason"] == (
         f"complete: 1 series, {len(files)} instances ({len(files)} in the study)")
+
+
+def test_reconcile_records_the_evidence_of_a_recovered_file(tmp_path, classic) -> None:
+    sp = Spool(tmp_path / "spool")
+    q = Queue(sp.db_path)
+    ds = classic["siemens"][0]
+    path = sp.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    assert reconcile(sp, q, clock=Clock()) == 1
+    row = q.find_instance(ds.SOPInstanceUID)
+    assert (row["echo_time_ms"], row["echo_train_length"], row["images_in_acquisition"]) == (
+        round(float(ds.EchoTime), 3), 3, SHAPE[2])
+    assert row["position"] == "\\".join(f"{float(v):.2f}" for v in ds.ImagePositionPatient)
