@@ -59,6 +59,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
+
 #: Positions closer than this (mm) are the same position.
 POSITION_DECIMALS = 2
 #: Echo times closer than this (ms) are the same echo.
@@ -112,6 +114,8 @@ def _integer(value: Any) -> int | None:
 
 
 def _triplet(value: Any, n: int = 3) -> list[float] | None:
+    if isinstance(value, (str, bytes)):
+        value = [value]
     try:
         values = [float(v) for v in value]
     except (TypeError, ValueError):
@@ -122,6 +126,29 @@ def _triplet(value: Any, n: int = 3) -> list[float] | None:
 def _text_position(value: Any) -> str | None:
     xyz = _triplet(value)
     return None if xyz is None else "\\".join(f"{v:.{POSITION_DECIMALS}f}" for v in xyz)
+
+
+_TEXT_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "EchoTime",
+                  "EchoNumbers", "EchoTrainLength", "ImagesInAcquisition", "InstanceNumber",
+                  "NumberOfFrames", "ComplexImageComponent")
+_TAGS = {kw: tag_for_keyword(kw) for kw in _TEXT_KEYWORDS}
+
+
+def _text(ds: Any, keyword: str) -> Any:
+    """A DS / IS / CS value of ``ds``: one string, a list of strings, or pydicom's converted value.
+
+    An element still as received (a raw element, what the C-STORE path has) is split here
+    instead of converted by pydicom, whose conversion and validation cost about 0.05 ms per
+    element, ten elements per instance.
+    """
+    elem = ds.get_item(_TAGS[keyword])
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        parts = [p.strip(" \x00") for p in value.decode("latin-1").split("\\")]
+        return parts if len(parts) > 1 else parts[0]
+    return value
 
 
 def _item(ds: Any, keyword: str) -> Any:
@@ -169,25 +196,25 @@ def completeness_fields(ds: Any, component: str) -> dict[str, Any]:
     Never raises: an attribute that cannot be read is left out (None).
     """
     try:
-        cic = COMPONENTS.get(str(ds.get("ComplexImageComponent", "") or "").upper())
+        cic = COMPONENTS.get(str(_text(ds, "ComplexImageComponent") or "").upper())
         component = cic or component
         out: dict[str, Any] = {
-            "position": _text_position(ds.get("ImagePositionPatient")),
+            "position": _text_position(_text(ds, "ImagePositionPatient")),
             "orientation": None,
-            "slice_thickness_mm": _number(ds.get("SliceThickness")),
-            "echo_time_ms": _number(ds.get("EchoTime")),
-            "echo_number": _integer(ds.get("EchoNumbers")),
-            "echo_train_length": _integer(ds.get("EchoTrainLength")),
-            "images_in_acquisition": _integer(ds.get("ImagesInAcquisition")),
-            "instance_number": _integer(ds.get("InstanceNumber")),
+            "slice_thickness_mm": _number(_text(ds, "SliceThickness")),
+            "echo_time_ms": _number(_text(ds, "EchoTime")),
+            "echo_number": _integer(_text(ds, "EchoNumbers")),
+            "echo_train_length": _integer(_text(ds, "EchoTrainLength")),
+            "images_in_acquisition": _integer(_text(ds, "ImagesInAcquisition")),
+            "instance_number": _integer(_text(ds, "InstanceNumber")),
             "frames": None,
         }
-        iop = _triplet(ds.get("ImageOrientationPatient"), 6)
+        iop = _triplet(_text(ds, "ImageOrientationPatient"), 6)
         if iop is not None:
             out["orientation"] = "\\".join(f"{v:.4f}" for v in iop)
         if out["echo_time_ms"] is not None:
             out["echo_time_ms"] = round(out["echo_time_ms"], ECHO_DECIMALS)
-        n_frames = _integer(ds.get("NumberOfFrames"))
+        n_frames = _integer(_text(ds, "NumberOfFrames"))
         if n_frames is not None and n_frames >= 1 and "PerFrameFunctionalGroupsSequence" in ds:
             frames = _enhanced_frames(ds, n_frames, component)
             out["frames"] = json.dumps(frames, separators=(",", ":"))
