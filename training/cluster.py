@@ -55,6 +55,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: files made by atomic_write get the usual 0o666 & ~umask, not mkstemp's 0o600
 MEMORY_PER_WORKER_GB = 4.0  # a 1 mm study through QSM + detection peaks around 2-3 GB
 
 
@@ -111,6 +113,7 @@ def atomic_write(path: Path | str, write: Callable) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+            os.fchmod(fh.fileno(), 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
