@@ -24,6 +24,8 @@ from training import dataset as D
 from training import predict as P
 from training import simulate as S
 
+pytestmark = pytest.mark.slow  # ~160 s on 2 shared cores: two cohorts through QSM + detection, 4 ways
+
 GOOD = ("sub-000", "sub-001")
 BAD = "sub-bad"
 
