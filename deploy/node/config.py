@@ -155,6 +155,7 @@ class NodeConfig:
     tls: TLSConfig | None = None
     poll_seconds: float = 0.5
     log_file: Path | None = None
+    ingest_journal: bool = False  # opt-in: group-commit journal (deploy/node/spool.Journal)
 
 
 def _type_name(value: Any) -> str:
@@ -291,6 +292,7 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
     workers = int(r.number("workers", 1, minimum=1, integer=True))
     min_free_mb = float(r.number("min_free_mb", 1024.0))
     poll = float(r.number("poll_seconds", 0.5, strictly_positive=True))
+    ingest_journal = r.boolean("ingest_journal", False)
 
     dests_raw = r.get("destinations", [])
     if not isinstance(dests_raw, list):
@@ -405,7 +407,7 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
     return NodeConfig(
         ae_title=ae_title, port=port, bind=bind, spool=spool, allowed_calling_aets=allowed,
         study_quiet_seconds=quiet, early_start=early_start, early_start_guard_seconds=guard,
-        workers=workers, min_free_mb=min_free_mb,
+        workers=workers, min_free_mb=min_free_mb, ingest_journal=ingest_journal,
         destinations=tuple(dests), retry=retry, association=assoc, triggers=triggers, app=app,
         tls=tls, poll_seconds=poll, log_file=log_file,
     )

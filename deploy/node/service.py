@@ -80,7 +80,8 @@ class Node:
 
     def start(self) -> None:
         cfg = self.cfg
-        self.spool = Spool(cfg.spool, int(cfg.min_free_mb * 1024 * 1024))
+        self.spool = Spool(cfg.spool, int(cfg.min_free_mb * 1024 * 1024),
+                           journal=cfg.ingest_journal)
         removed = self.spool.clean_tmp()
         self.queue = Queue(self.spool.db_path)
         recovered = self.queue.recover(cfg.app.max_attempts, self.clock())
@@ -88,6 +89,7 @@ class Node:
                    if stop_orphan_app(pid, self.spool.job_dir(job) / f"attempt-{attempt}")]
         added = reconcile(self.spool, self.queue, self.clock)
         log_event("node_recovered", partial_writes_removed=removed, instances_registered=added,
+                  journal_files_rewritten=self.spool.replayed,
                   jobs_requeued=[j for j, s, *_ in recovered if s == "queued"],
                   jobs_failed=[j for j, s, *_ in recovered if s == "failed"],
                   orphan_apps_killed=orphans)
@@ -133,6 +135,7 @@ class Node:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+        self.spool.close()
         self.scheduler.stop()
         for w in self.workers:
             w.stop()
