@@ -63,7 +63,9 @@ def _framework_log(path: Path | None):
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     p.add_argument("-i", "--input", type=Path, default=os.environ.get("HOLOSCAN_INPUT_PATH"),
-                   help="folder of DICOM files, any layout (env HOLOSCAN_INPUT_PATH)")
+                   help="input folder, its kind detected: scanner DICOM (any layout), dcm2niix NIfTI + JSON "
+                        "sidecars (magnitude and phase echoes), or a precomputed QSM map (NIfTI or DICOM) "
+                        "with its magnitude (env HOLOSCAN_INPUT_PATH)")
     p.add_argument("-o", "--output", type=Path, default=os.environ.get("HOLOSCAN_OUTPUT_PATH"),
                    help="results folder (env HOLOSCAN_OUTPUT_PATH)")
     p.add_argument("-m", "--model", type=Path, default=os.environ.get("HOLOSCAN_MODEL_PATH"),
@@ -193,7 +195,7 @@ def _run(args: argparse.Namespace, config, stage, log_path: Path, debug: bool) -
     out = Path(args.output)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     inp = summary.get("input", {})
-    print(f"read {inp.get('manufacturer', '?')} GRE: {inp.get('n_echoes', '?')} echo(es) at "
+    print(f"read {inp.get('input_kind', '?')} input, {inp.get('manufacturer', '?')} GRE: {inp.get('n_echoes', '?')} echo(es) at "
           f"{inp.get('echo_times_ms', '?')} ms, {inp.get('field_strength_t', '?')} T, "
           f"grid {inp.get('geometry', {}).get('shape', '?')} @ {inp.get('geometry', {}).get('spacing_mm', '?')} mm")
     if "qsm" in summary:

@@ -3,13 +3,15 @@ app (``python -m app -i {input} -o {output}``) and sends the app's DICOM results
 
     python -m bench.end_to_end [--voxel-mm 3 3 3] [--quiet 2] [--out bench/results/end_to_end.json]
         [--baseline DIR]   # also run an older checkout (e.g. a git worktree) on the same study, in one run
+        [--early-start on|off|both]   # the node's early_start (both: off, then on, same study)
 
 Reported, in seconds, from the last instance received (the study's ``last_received`` in the
-node's queue): to the job being queued (the quiet period ``study_quiet_seconds``), to the app
-starting, to the job ``done`` (app finished, results recorded), and, if the app wrote DICOM files,
-to the last of them being stored in Orthanc (``delivered``), with what arrived (SOP class, series
-description, modality). An app that writes no DICOM (today's app writes summary.json + NIfTI)
-ends at ``done`` with ``n_results`` 0, and the report says so.
+node's queue): to the job being queued (the quiet period ``study_quiet_seconds``, or about
+``early_start_guard_seconds`` when the node's early start found every GRE series complete: the
+report's ``start_reason`` says which), to the app starting, to the job ``done`` (app finished,
+results recorded), and, if the app wrote DICOM files, to the last of them being stored in
+Orthanc (``delivered``), with what arrived (SOP class, series description, modality). An app
+that writes no DICOM ends at ``done`` with ``n_results`` 0, and the report says so.
 
 :func:`run_end_to_end` is also what ``tests/integration/test_node_end_to_end.py`` runs.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -44,10 +47,11 @@ def _http_json(url: str) -> Any:
         return json.loads(r.read())
 
 
-def start_node(root: Path, orthanc_port: int, quiet: float,
-               repo: Path = REPO) -> tuple[subprocess.Popen[bytes], int]:
+def start_node(root: Path, orthanc_port: int, quiet: float, repo: Path = REPO,
+               early_start: bool | None = None) -> tuple[subprocess.Popen[bytes], int]:
     """The node of ``repo`` with the real app (its default command, so its default prestart) and
-    Orthanc as destination; returns (process, DICOM port)."""
+    Orthanc as destination; returns (process, DICOM port). ``early_start`` None leaves the key out
+    (the node's default; an older checkout does not know it)."""
     port = free_port()
     cfg = {"ae_title": NODE_AET, "port": port, "bind": "127.0.0.1", "spool": str(root / "spool"),
            "allowed_calling_aets": [SCU_AET], "study_quiet_seconds": quiet, "min_free_mb": 1,
@@ -55,6 +59,8 @@ def start_node(root: Path, orthanc_port: int, quiet: float,
            "destinations": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}],
            "retry": {"max_attempts": 5, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2},
            "app": {"timeout_seconds": 600, "max_attempts": 1, "require_dicom_results": False}}
+    if early_start is not None:
+        cfg["early_start"] = early_start
     root.mkdir(parents=True, exist_ok=True)
     (root / "node.yaml").write_text(yaml.safe_dump(cfg))
     with open(root / "node.log", "wb") as log:
@@ -65,12 +71,13 @@ def start_node(root: Path, orthanc_port: int, quiet: float,
 
 
 def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
-                   timeout: float = 600.0, repo: Path = REPO) -> dict[str, Any]:
+                   timeout: float = 600.0, repo: Path = REPO,
+                   early_start: bool | None = None) -> dict[str, Any]:
     """Push ``study_dir`` through node -> app -> Orthanc and time each stage (see module doc)."""
     orthanc, o_dicom, o_http = start_orthanc(work / "orthanc")
     node = None
     try:
-        node, port = start_node(work / "node", o_dicom, quiet, repo)
+        node, port = start_node(work / "node", o_dicom, quiet, repo, early_start)
         n_files = sum(1 for p in study_dir.rglob("*") if p.is_file())
         t0 = time.time()
         push = subprocess.run(["storescu", "-aet", SCU_AET, "-aec", NODE_AET, "+sd", "+r",
@@ -97,6 +104,7 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
         report: dict[str, Any] = {
             "instances_sent": n_files, "instances_stored": int(study["n_instances"]),
             "push_seconds": round(push_seconds, 2), "study_quiet_seconds": quiet,
+            "early_start": early_start, "start_reason": job.get("start_reason"),
             "job_state": job["state"], "trigger": job["trigger"], "n_results": job["n_results"],
             "seconds_last_instance_to_app_start": round(float(job["started_at"]) - last, 2),
             "app_seconds": round(float(job["finished_at"]) - float(job["started_at"]), 2),
@@ -162,24 +170,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "end_to_end.json")
     ap.add_argument("--baseline", type=Path, help="an older checkout to run on the same study first "
                     "(e.g. git worktree add /tmp/base <commit>); the report then holds both")
+    ap.add_argument("--early-start", choices=("on", "off", "both"),
+                    help="the node's early_start (default: the node's default); both: off first, "
+                    "then on, on the same study, reported side by side")
     args = ap.parse_args(argv)
+    if args.baseline and args.early_start == "both":
+        ap.error("--baseline and --early-start both: choose one comparison")
     with tempfile.TemporaryDirectory(prefix="cmb-e2e-") as tmp:
         work = Path(tmp)
         study = args.study or simulate_study(work / "sim", tuple(args.voxel_mm))
-        if args.baseline:
-            base = run_end_to_end(study, work / "baseline", quiet=args.quiet, repo=args.baseline.resolve())
-            base["code"] = _commit(args.baseline)
-        report = run_end_to_end(study, work / "current", quiet=args.quiet)
-        report["code"] = _commit(REPO)
-        if args.baseline:
-            report = {"current": report, "baseline": base,
-                      "order": "baseline first, then current, on the same simulated study"}
+        if args.early_start == "both":
+            off = run_end_to_end(study, work / "off", quiet=args.quiet, early_start=False)
+            on = run_end_to_end(study, work / "on", quiet=args.quiet, early_start=True)
+            report = {"early_start_off": off, "early_start_on": on, "code": _commit(REPO),
+                      "order": "early_start off first, then on, on the same simulated study",
+                      # what early start changes: the wait before the app starts; the app's own
+                      # time varies with the machine's load and is not part of the difference
+                      "saved_seconds_last_instance_to_app_start": round(
+                          off["seconds_last_instance_to_app_start"]
+                          - on["seconds_last_instance_to_app_start"], 2),
+                      "saved_seconds_last_instance_to_done": round(
+                          off["seconds_last_instance_to_done"] - on["seconds_last_instance_to_done"], 2)}
+        else:
+            early = None if args.early_start is None else args.early_start == "on"
+            if args.baseline:
+                base = run_end_to_end(study, work / "baseline", quiet=args.quiet,
+                                      repo=args.baseline.resolve())
+                base["code"] = _commit(args.baseline)
+            report = run_end_to_end(study, work / "current", quiet=args.quiet, early_start=early)
+            report["code"] = _commit(REPO)
+            if args.baseline:
+                report = {"current": report, "baseline": base,
+                          "order": "baseline first, then current, on the same simulated study"}
     report = {"simulated": args.study is None,
               "study": (f"training.simulate --subjects 1 --seed 1 --voxel-mm "
                         f"{' '.join(str(v) for v in args.voxel_mm)}" if args.study is None
                         else str(args.study)),
               **report,
-              "host": {"python": platform.python_version(), "platform": platform.platform()},
+              "host": {"python": platform.python_version(), "platform": platform.platform(),
+                       "cpus": os.cpu_count(), "load_average_1_5_15_min_at_end": [
+                           round(x, 2) for x in os.getloadavg()],
+                       "note": "shared machine (other engineers run tests on it)"},
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(json.dumps(report, indent=2))
     if args.out:

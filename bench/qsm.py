@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m bench.qsm " + " ".join(argv or []),
         "voxel_mm": a.voxel_mm, "torch_threads": a.threads, "host": platform.node(),
         "load_average_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
-        "metric_definitions": "core/qsm/metrics.py (QSM-CI nRMSE/HFEN/XSIM); evaluation mask = eroded mask & true brain mask",
+        "metric_definitions": "core/qsm/metrics.py (QSM-CI 0.6.2 nRMSE/HFEN/XSIM, checked against the package); evaluation mask = eroded mask & true brain mask",
         "subjects": subjects, **summary, "wall_s": _r(time.perf_counter() - t0, 1),
     }
     print(table(subjects, summary))

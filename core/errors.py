@@ -19,3 +19,8 @@ class ReconstructionError(CMBError):
 
 class ConfigError(CMBError):
     """A configuration file or command-line option is invalid."""
+
+
+class NiftiInputError(CMBError):
+    """The NIfTI (+ JSON sidecar) research input cannot be used (phase without magnitude, missing
+    EchoTime, mixed image sizes, ...)."""

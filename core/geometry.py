@@ -190,6 +190,10 @@ class Geometry:
         s = self.spacing
         return [s[1], s[0]]
 
+    def snapped(self) -> "Geometry":
+        """This grid with its affine through :func:`snap_affine` (both readers, DICOM and NIfTI, use it)."""
+        return Geometry(self.shape, snap_affine(self.affine), self.frame_of_reference_uid, self.b0_direction_lps)
+
     def with_frame_of_reference(self, uid: str) -> "Geometry":
         return Geometry(self.shape, self.affine, uid, self.b0_direction_lps)
 
@@ -203,3 +207,23 @@ class Geometry:
             "b0_direction_ijk": np.round(self.b0_direction_ijk(), 6).tolist(),
             "frame_of_reference_uid": self.frame_of_reference_uid,
         }
+
+
+def snap_affine(affine: np.ndarray) -> np.ndarray:
+    """The affine with the float noise of its voxel size removed: spacing rounded to 1e-5 mm,
+    direction cosines below 1e-6 set to 0 (columns renormalised); the origin is kept.
+
+    The same acquisition read from DICOM (slice spacing = mean of position differences of decimal
+    strings: 3.9999999995 for 4 mm) and from NIfTI (float32: 4.0000005) must give the same grid:
+    the QSM chain's erosions by a whole number of voxels otherwise flip boundary voxels (measured on
+    a 4 mm study: chi up to 0.005 ppm apart, then different findings). The changes are far below any
+    scanner's precision.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    norms = np.linalg.norm(a[:3, :3], axis=0)
+    d = a[:3, :3] / norms
+    d = np.where(np.abs(d) < 1e-6, 0.0, d)
+    d = d / np.linalg.norm(d, axis=0)
+    out = a.copy()
+    out[:3, :3] = d * np.round(norms, 5)
+    return out

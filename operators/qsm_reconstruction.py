@@ -4,6 +4,9 @@ Thin adapter around :func:`core.qsm.pipeline.reconstruct`. The chain runs as one
 the steps share a crop to the brain's bounding box (made once, after masking) that keeps every FFT
 small; each step is a separate, separately tested function in ``core/qsm`` and its seconds are
 recorded in ``QSMResult.timings_s`` (and the app's summary.json).
+
+A precomputed-QSM input (``gre.precomputed_qsm``, see :mod:`core.input_kind`) is passed on as it is:
+no reconstruction.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class QSMReconstructionOperator(Operator):
     @progress.step("QSM reconstruction")
     def compute(self, op_input, op_output, context) -> None:
         gre = op_input.receive("gre")
+        if gre.precomputed_qsm is not None:
+            op_output.emit(gre, "gre")
+            op_output.emit(gre.precomputed_qsm, "qsm")
+            return
         qsm = reconstruct(gre.magnitude, gre.phase_rad, gre.echo_times_s, gre.field_strength_t,
                           gre.geometry, method=self.method, device=self.device)
         op_output.emit(gre, "gre")

@@ -3,6 +3,11 @@
 Files (inside the staged output folder):
     qsm.nii.gz, brain_mask.nii.gz          chi in ppm on the source grid, and the mask used
     dicom/qsm/QSM_<method>_NNNN.dcm        derived MR series (core.dicom.derived), stable UIDs
+    dicom/source/MAG_NNNN.dcm              NIfTI input only: the first-echo magnitude as DICOM, the
+                                           source images the SEG/SR/key images reference
+
+A precomputed QSM map (input kinds ``qsm-nifti`` / ``qsm-dicom``) gets the NIfTI files only: the
+map is the input, a DICOM copy of it would be a second series with the same content.
 """
 
 from __future__ import annotations
@@ -28,8 +33,13 @@ def write_qsm_outputs(gre, qsm, out_dir: Path, algorithm_version: str) -> list[P
         save_nifti(out_dir / "qsm.nii.gz", qsm.chi_ppm, gre.geometry),
         save_nifti(out_dir / "brain_mask.nii.gz", qsm.mask.astype(np.uint8), gre.geometry, dtype=np.uint8),
     ]
-    paths += write_qsm_series(qsm.chi_ppm, gre, out_dir / "dicom" / "qsm",
-                              method=METHOD_NAMES[qsm.method], algorithm_version=algorithm_version)
+    if gre.sources_synthesised:
+        from core.nifti_input import write_source_series
+
+        paths += write_source_series(gre, out_dir / "dicom" / "source")
+    if qsm.method in METHOD_NAMES:
+        paths += write_qsm_series(qsm.chi_ppm, gre, out_dir / "dicom" / "qsm",
+                                  method=METHOD_NAMES[qsm.method], algorithm_version=algorithm_version)
     return paths
 
 

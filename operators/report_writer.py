@@ -10,6 +10,7 @@ Files (inside the staged output folder)::
     dicom/cmb/SR_CMB.dcm     TID 1500 measurement report
     dicom/cmb/SEG_CMB.dcm    segmentation (only when something is segmented)
     dicom/cmb/KEY_<n>.dcm    key images, one per finding
+    dicom/cmb/KO_CMB.dcm     key object selection (key images + SR), when there are findings
 
 Thin adapter around :func:`core.report.write_reports`.
 """
@@ -30,7 +31,7 @@ from operators._writer import OutputWriterOperator
 def write_detection_outputs(gre, qsm, findings: StudyFindings, out_dir: Path,
                             algorithm_version: str) -> dict[str, list[Path]]:
     """Write the files listed in the module docstring; return the paths by kind (``findings``,
-    ``stages``, ``seg``, ``sr``, ``key_images``, ``summary``)."""
+    ``stages``, ``seg``, ``sr``, ``key_images``, ``kos``, ``summary``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {"findings": [findings.save(out_dir / "findings.json")], "stages": []}

@@ -31,7 +31,8 @@ def write_study_summary(gre: GREVolume, out_dir: Path, qsm=None, findings=None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     if input_copies:
         save_nifti(out_dir / "magnitude.nii.gz", np.moveaxis(gre.magnitude, 0, -1), gre.geometry)
-        save_nifti(out_dir / "phase.nii.gz", np.moveaxis(gre.phase_rad, 0, -1), gre.geometry)
+        if gre.phase_rad.size:  # a precomputed-QSM input has no phase
+            save_nifti(out_dir / "phase.nii.gz", np.moveaxis(gre.phase_rad, 0, -1), gre.geometry)
     summary = {"input": gre.summary()}
     if qsm is not None:
         summary["qsm"] = {

@@ -23,7 +23,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    msg = f"{name} is not installed (Debian packages: dicom3tools, dcmtk, orthanc; see .ci/run)"
+    msg = f"{name} is not installed (Debian packages: dicom3tools, dcmtk, orthanc, dcm2niix; see .ci/run)"
     if os.environ.get("CI"):
         pytest.fail(msg)
     pytest.skip(msg)

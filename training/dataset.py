@@ -33,11 +33,21 @@ CLI::
 The last K subjects are controls; subject ``s`` gets seed ``S * 100003 + s``; ``DIR/summary.json``
 collects per-subject and aggregate stage I figures (sensitivity, false positives and candidates per
 subject, seconds).
+
+``--cluster local[:N]`` or ``--cluster tcp://HOST:PORT`` builds the subjects as one Dask task each
+(:mod:`training.cluster`); without it they are built one after the other in this process. Either
+way a subject whose ``<subject>.npz`` and ``<subject>.json`` exist with the expected seed is skipped
+and its summary row read back from the json (``--redo`` builds it again), both files are written to
+a temporary name and moved into place, and a failing subject is reported and listed under
+``failed`` in ``summary.json`` while the others go on (exit status 1). ``--threads``: torch threads
+per subject (default: torch's own here, 1 on a cluster).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import os
 import sys
@@ -48,6 +58,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from core.detect.stage1 import FEATURE_NAMES, Stage1Params, detect_candidates
+from training.cluster import ClusterSpecError, atomic_write, parse_cluster, run_subjects, summarise, write_text_atomic
 
 PATCH_SIZE = 32
 LABELS: tuple[str, ...] = ("other", "cmb", "cmb_duplicate", "calcification", "vessel")
@@ -314,14 +325,69 @@ def build_subject(
 
 
 def write_shard(result: dict, out_dir: str) -> str:
-    """Write ``<subject>.npz`` and ``<subject>.json`` into ``out_dir``; returns the npz path."""
+    """Write ``<subject>.npz`` then ``<subject>.json`` into ``out_dir``, each under a temporary name
+    moved into place (:func:`training.cluster.atomic_write`); returns the npz path."""
     os.makedirs(out_dir, exist_ok=True)
     sid = result["meta"]["subject_id"]
     path = os.path.join(out_dir, f"{sid}.npz")
-    np.savez_compressed(path, **result["arrays"])
-    with open(os.path.join(out_dir, f"{sid}.json"), "w") as fh:
-        json.dump(result["meta"], fh, indent=1)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **result["arrays"])
+    atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
+    write_text_atomic(os.path.join(out_dir, f"{sid}.json"), json.dumps(result["meta"], indent=1))
     return path
+
+
+SUMMARY_KEYS = ("cmb_total", "tp", "fn", "fp", "candidates_paramagnetic", "candidates_diamagnetic")
+
+
+def summary_row(meta: dict) -> dict:
+    """The ``summary.json`` row of one subject, from its shard json."""
+    st = meta["stage1"]
+    return {"subject": meta["subject_id"], **{k: st[k] for k in SUMMARY_KEYS},
+            "stage1_s": meta["timings_s"]["stage1_s"], "total_s": meta["timings_s"].get("total_s")}
+
+
+def completed_shard(out_dir: str, sid: str, seed: int) -> dict | None:
+    """Summary row of a subject whose npz and json are in ``out_dir`` with ``seed``, else None."""
+    npz, js = os.path.join(out_dir, f"{sid}.npz"), os.path.join(out_dir, f"{sid}.json")
+    if not (os.path.isfile(npz) and os.path.isfile(js)):
+        return None
+    try:
+        with open(js) as fh:
+            meta = json.load(fh)
+        return summary_row(meta) if meta.get("seed") == seed else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def dataset_task(sid: str, *, plan: dict, out: str, options: dict, threads: int | None) -> dict:
+    """Build and write one subject (a cluster or in-process task); returns its summary row.
+
+    ``plan``: subject id -> (seed, control); ``options``: the other :func:`build_subject` keywords.
+    """
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    seed, control = plan[sid]
+    t = time.perf_counter()
+    res = build_subject(sid, seed, control=control, **options)
+    res["meta"]["timings_s"]["total_s"] = time.perf_counter() - t  # simulate .. labels, not the write
+    write_shard(res, out)
+    return summary_row(res["meta"])
+
+
+def aggregate(summary: Sequence[dict]) -> dict:
+    """Cohort figures of ``summary.json`` from its per-subject rows."""
+    n = max(len(summary), 1)
+    tot = sum(x["cmb_total"] for x in summary)
+    tp = sum(x["tp"] for x in summary)
+    return {"subjects": len(summary), "cmb_total": tot, "tp": tp,
+            "sensitivity": tp / tot if tot else None,
+            "fp_per_subject": sum(x["fp"] for x in summary) / n,
+            "candidates_per_subject": sum(x["candidates_paramagnetic"] for x in summary) / n,
+            "stage1_s_mean": sum(x["stage1_s"] for x in summary) / n}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,36 +404,48 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="share of inserted microbleeds placed in the deep grey nuclei (iron background)")
     ap.add_argument("--n-cmb", type=int, default=None, help="microbleeds per subject (default random 0-15)")
     ap.add_argument("--threshold", type=float, default=None, help="override the stage I threshold")
+    ap.add_argument("--cluster", default=None, metavar="SPEC",
+                    help="local, local:N or tcp://HOST:PORT (a Dask scheduler); default: in this process")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per subject (default: torch's own here, 1 on a cluster)")
+    ap.add_argument("--redo", action="store_true", help="build subjects whose shards already exist")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a = ap.parse_args(argv)
+    if a.threads is not None and a.threads < 1:
+        ap.error("--threads must be >= 1")
+    if a.cluster is not None:
+        try:
+            parse_cluster(a.cluster)
+        except ClusterSpecError as exc:
+            ap.error(str(exc))
     echoes: int | str = a.echoes if a.echoes == "mixed" else int(a.echoes)
     params = Stage1Params() if a.threshold is None else Stage1Params(threshold=a.threshold)
-    summary = []
-    for s in range(a.subjects):
-        sid = f"sub{a.seed:04d}_{s:03d}"
-        t = time.perf_counter()
-        res = build_subject(sid, a.seed * 100003 + s, voxel_mm=a.voxel_mm, echoes=echoes,
-                            oblique_max_deg=a.oblique_max, control=s >= a.subjects - a.controls,
-                            insert_per_subject=a.insert_per_subject, insert_deep_fraction=a.insert_deep_fraction,
-                            n_cmb=a.n_cmb, params=params)
-        write_shard(res, a.out)
-        st = res["meta"]["stage1"]
-        summary.append({"subject": sid, **{k: st[k] for k in ("cmb_total", "tp", "fn", "fp",
-                                                              "candidates_paramagnetic",
-                                                              "candidates_diamagnetic")},
-                        "stage1_s": res["meta"]["timings_s"]["stage1_s"],
-                        "total_s": time.perf_counter() - t})
-        print(json.dumps(summary[-1]), flush=True)
-    tot = sum(x["cmb_total"] for x in summary)
-    tp = sum(x["tp"] for x in summary)
-    agg = {"subjects": len(summary), "cmb_total": tot, "tp": tp,
-           "sensitivity": tp / tot if tot else None,
-           "fp_per_subject": sum(x["fp"] for x in summary) / max(len(summary), 1),
-           "candidates_per_subject": sum(x["candidates_paramagnetic"] for x in summary) / max(len(summary), 1),
-           "stage1_s_mean": sum(x["stage1_s"] for x in summary) / max(len(summary), 1)}
-    with open(os.path.join(a.out, "summary.json"), "w") as fh:
-        json.dump({"subjects": summary, "aggregate": agg}, fh, indent=1)
+    plan = {f"sub{a.seed:04d}_{s:03d}": (a.seed * 100003 + s, s >= a.subjects - a.controls)
+            for s in range(a.subjects)}
+    options = {"voxel_mm": tuple(a.voxel_mm), "echoes": echoes, "oblique_max_deg": a.oblique_max,
+               "insert_per_subject": a.insert_per_subject, "insert_deep_fraction": a.insert_deep_fraction,
+               "n_cmb": a.n_cmb, "params": params}
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    threads = a.threads if a.threads is not None else (1 if a.cluster is not None else None)
+    task = functools.partial(dataset_task, plan=plan, out=out, options=options, threads=threads)
+
+    def completed(sid: str) -> dict | None:
+        return None if a.redo else completed_shard(out, sid, plan[sid][0])
+
+    try:
+        outcomes = run_subjects(list(plan), task, completed=completed, cluster=a.cluster,
+                                describe=lambda sid, row: json.dumps(row), progress=not a.no_progress)
+    except ClusterSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = [o.record for o in outcomes if o.record is not None]
+    failed = [{"subject": o.subject, "error": o.error} for o in outcomes if o.status == "failed"]
+    agg = aggregate(summary)
+    write_text_atomic(os.path.join(out, "summary.json"),
+                      json.dumps({"subjects": summary, "aggregate": agg, "failed": failed}, indent=1))
     print(json.dumps(agg))
-    return 0
+    return summarise(outcomes)
 
 
 if __name__ == "__main__":

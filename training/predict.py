@@ -10,17 +10,33 @@ and write ``PREDS/<subject>/findings.json`` and ``stages.json`` (stage by stage 
 paper-style tables). It skips the DICOM reports and runs in one process, which saves the
 framework start-up per subject; ``python -m app`` on the same folder gives the same findings.
 Seconds per subject and per stage go to ``PREDS/<subject>/detection.json``.
+
+    python -m training.predict ... [--cluster local[:N] | --cluster tcp://HOST:PORT] [--threads T] [--redo]
+
+``--cluster`` runs one task per subject on a Dask cluster (:mod:`training.cluster`, which also says
+how workers are started on SLURM or Kubernetes); without it the subjects run one after the other
+here. Either way a subject is skipped when its three files are complete and ``detection.json``
+records the same algorithm version (code + model digest) and ResNet setting (``--redo`` runs it
+again), every file is written to a temporary name and moved into place, and a failing subject is
+reported (id + one-line error) while the others go on; the exit status is 1 when any failed.
+``--threads``: torch threads per subject (default: torch's own in this process, 1 per cluster
+worker, whose process has one thread); the same value gives the same findings either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
 from app.app import ALGORITHM_VERSION, detection_version
+from training.cluster import ClusterSpecError, parse_cluster, run_subjects, summarise, write_text_atomic
+
+OUTPUTS = ("findings.json", "stages.json", "detection.json")  # detection.json is written last
+_DETECTORS: dict[str, object] = {}  # model folder -> CMBDetector, loaded once per process (worker)
 
 
 def predict_subject(dicom_dir: Path, out_dir: Path, detector, *, with_resnet: bool = True,
@@ -41,15 +57,50 @@ def predict_subject(dicom_dir: Path, out_dir: Path, detector, *, with_resnet: bo
     t1 = time.perf_counter()
     findings, reg, _ = localize_study(gre, qsm, result.findings)
     t_loc = time.perf_counter() - t1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    findings.save(out_dir / "findings.json")
-    (out_dir / "stages.json").write_text(json.dumps(result.stages_json(), indent=1) + "\n")
+    write_text_atomic(out_dir / "findings.json", json.dumps(findings.to_json(), indent=2) + "\n")
+    write_text_atomic(out_dir / "stages.json", json.dumps(result.stages_json(), indent=1) + "\n")
     record = {"seconds": {"load": round(t_load, 2), "qsm": round(t_qsm, 2),
                           **{k: round(float(v), 2) for k, v in result.timings_s.items()},
                           "localise": round(t_loc, 2), "total": round(time.perf_counter() - t0, 2)},
-              "n_microbleeds": len(findings.microbleeds), "n_mimics": len(findings.mimics)}
-    (out_dir / "detection.json").write_text(json.dumps(record, indent=2) + "\n")
+              "n_microbleeds": len(findings.microbleeds), "n_mimics": len(findings.mimics),
+              "algorithm_version": algorithm_version, "with_resnet": bool(with_resnet)}
+    write_text_atomic(out_dir / "detection.json", json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _detector(model_dir: Path):
+    """The detector of ``model_dir``, loaded once per process (a cluster worker keeps it)."""
+    from core.detect.detector import CMBDetector
+
+    key = str(Path(model_dir).resolve())
+    if key not in _DETECTORS:
+        _DETECTORS[key] = CMBDetector.load(Path(model_dir))
+    return _DETECTORS[key]
+
+
+def completed_record(out_dir: Path, algorithm_version: str, with_resnet: bool) -> dict | None:
+    """``detection.json`` of a finished subject run with this version and ResNet setting, else None."""
+    if not all((out_dir / f).is_file() for f in OUTPUTS):
+        return None
+    try:
+        rec = json.loads((out_dir / "detection.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("algorithm_version") != algorithm_version or rec.get("with_resnet") != bool(with_resnet):
+        return None
+    return rec
+
+
+def predict_task(subject: str, *, cohort: Path, out: Path, model_dir: Path, with_resnet: bool,
+                 algorithm_version: str, threads: int | None) -> dict:
+    """One subject as a cluster (or in-process) task: paths in, ``detection.json``'s record out."""
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return predict_subject(cohort / subject / "dicom", out / subject, _detector(model_dir),
+                           with_resnet=with_resnet, algorithm_version=algorithm_version)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,15 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-m", "--models", type=Path, default=None, help="model folder (default: models/)")
     p.add_argument("--subjects", nargs="*", help="only these subjects")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet comparator stage")
+    p.add_argument("--cluster", default=None, metavar="SPEC",
+                   help="local, local:N or tcp://HOST:PORT (a Dask scheduler); default: in this process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per subject (default: torch's own here, 1 on a cluster)")
+    p.add_argument("--redo", action="store_true", help="run subjects whose outputs are already complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
-    from core.detect.detector import CMBDetector
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.cluster is not None:
+        try:
+            parse_cluster(args.cluster)
+        except ClusterSpecError as exc:
+            p.error(str(exc))
     from core.errors import CMBError
     from operators.cmb_detector import resolve_model_dir
 
+    model_dir = resolve_model_dir(args.models).resolve()
     try:
-        detector = CMBDetector.load(resolve_model_dir(args.models))
+        _detector(model_dir)  # a missing or broken model folder stops here, before any subject
     except CMBError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.cohort.is_dir():
+        print(f"error: cohort folder {args.cohort} does not exist", file=sys.stderr)
         return 2
     subjects = sorted(d.name for d in args.cohort.iterdir() if (d / "dicom").is_dir())
     if args.subjects:
@@ -75,13 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     if not subjects:
         print(f"error: no <subject>/dicom folders under {args.cohort}", file=sys.stderr)
         return 2
-    version = detection_version(args.models)
-    for s in subjects:
-        rec = predict_subject(args.cohort / s / "dicom", args.out / s, detector, with_resnet=not args.no_resnet,
-                              algorithm_version=version)
-        print(f"{s}: {rec['n_microbleeds']} microbleed(s), {rec['n_mimics']} mimic(s), "
-              f"{rec['seconds']['total']:.1f} s", flush=True)
-    return 0
+    version = detection_version(model_dir)
+    with_resnet = not args.no_resnet
+    threads = args.threads if args.threads is not None else (1 if args.cluster is not None else None)
+    task = functools.partial(predict_task, cohort=args.cohort.resolve(), out=args.out.resolve(),
+                             model_dir=model_dir, with_resnet=with_resnet, algorithm_version=version,
+                             threads=threads)
+
+    def completed(s: str) -> dict | None:
+        return None if args.redo else completed_record(args.out / s, version, with_resnet)
+
+    def describe(s: str, rec: dict) -> str:
+        return (f"{s}: {rec['n_microbleeds']} microbleed(s), {rec['n_mimics']} mimic(s), "
+                f"{rec['seconds']['total']:.1f} s")
+
+    try:
+        outcomes = run_subjects(subjects, task, completed=completed, cluster=args.cluster, describe=describe,
+                                progress=not args.no_progress)
+    except ClusterSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return summarise(outcomes)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,15 @@ class DetectorConfig:
             return self.decision_threshold
         return self.resnet_threshold if self.decision_rule == "resnet" else self.vnet_threshold
 
+    def algorithm_parameters(self) -> list[str]:
+        """The operating point as ``name=value`` strings, for the SR's Algorithm Parameters
+        (TID 4019): stage I threshold, network thresholds, decision rule, segment threshold and
+        the first 12 hex digits of each network's sha256."""
+        out = [f"stage1_threshold={self.stage1.threshold:g}", f"conv_threshold={self.conv_threshold:g}",
+               f"vnet_threshold={self.vnet_threshold:g}", f"decision={self.decision_rule}>={self.threshold:g}",
+               f"seg_threshold={self.seg_threshold:g}"]
+        return out + [f"{name}_sha256={net['sha256'][:12]}" for name, net in sorted(self.networks.items())]
+
     @staticmethod
     def _from_training_format(d: dict, source: str) -> dict:
         """Translate what ``training.train`` writes (per-network sections with ``threshold`` and
@@ -481,13 +490,15 @@ class CMBDetector:
     def detect(self, chi_ppm: np.ndarray, brain_mask: np.ndarray, geometry: Geometry, *,
                study_instance_uid: str, algorithm_version: str, with_resnet: bool = False) -> StudyFindings:
         """Findings of one study (see :meth:`detect_stages`). The returned object also carries
-        ``timings_s`` and ``stages`` attributes (not part of its JSON). The ResNet comparator does
+        ``timings_s``, ``stages`` and ``parameters`` (:meth:`DetectorConfig.algorithm_parameters`)
+        attributes (not part of its JSON). The ResNet comparator does
         not change the findings, so it runs only on request (``with_resnet``)."""
         res = self.detect_stages(chi_ppm, brain_mask, geometry, study_instance_uid=study_instance_uid,
                                  algorithm_version=algorithm_version, with_resnet=with_resnet)
         sf = res.findings
         sf.timings_s = res.timings_s  # type: ignore[attr-defined]
         sf.stages = res.stages_json()  # type: ignore[attr-defined]
+        sf.parameters = self.config.algorithm_parameters()  # type: ignore[attr-defined]
         return sf
 
     def detect_stages(self, chi_ppm: np.ndarray, brain_mask: np.ndarray, geometry: Geometry, *,

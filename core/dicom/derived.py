@@ -312,6 +312,12 @@ def read_qsm_series(folder: Path, series_instance_uid: str | None = None) -> tup
         frames = [f for f in frames if f.series_instance_uid == series_instance_uid]
         if not frames:
             raise DicomInputError(f"series {series_instance_uid} not found in {folder}")
+    return qsm_from_frames(frames)
+
+
+def qsm_from_frames(frames: list[Frame]) -> tuple[np.ndarray, Geometry]:
+    """``(chi_ppm, geometry)`` of the frames of one single-component stack (a QSM series): sorted by
+    position, grid checked as for any input stack, RescaleSlope/Intercept applied."""
     f0 = frames[0]
     for f in frames:
         if (f.rows, f.columns) != (f0.rows, f0.columns) or not np.allclose(f.orientation, f0.orientation, atol=1e-4):

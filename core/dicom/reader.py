@@ -442,7 +442,7 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
             slice_spacing_mm=spacing,
             n_slices=len(first_echo),
             frame_of_reference_uid=fa.frame_of_reference_uid,
-        )
+        ).snapped()  # float noise of the decimal strings removed, as for NIfTI (core.geometry.snap_affine)
     except ValueError as exc:
         raise DicomInputError(f"cannot build the image grid of {a.name}: {exc}") from exc
     b0 = next((f.field_strength_t for f in a.frames if f.field_strength_t), None)
@@ -475,6 +475,8 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
         phase_series_uid=b.first.series_instance_uid,
         patient=patient,
         source_datasets=sources,
+        slice_references=[(str(f.dataset.SOPClassUID), f.sop_instance_uid, f.frame_number)
+                          for f in first_echo] if all(f.dataset is not None for f in first_echo) else [],
         notes=notes,
     )
 

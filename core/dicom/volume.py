@@ -33,8 +33,17 @@ class GREVolume:
             (strings, copied from the source for the result objects).
         source_datasets: first-echo magnitude datasets (headers, sorted by slice position) or the
             single Enhanced MR dataset: what SEG / SR reference as their source images.
+        slice_references: one ``(SOPClassUID, SOPInstanceUID, frame number or None)`` per slice
+            ``k`` of the first echo, in ``k`` order: the image an SR SCOORD on slice ``k`` points
+            at (frame number 1-based, for a multi-frame source; ``None`` for classic images).
         notes: non-fatal observations made while loading (e.g. "EchoNumbers missing: ordered by
             EchoTime").
+        input_kind: what the input folder held (:mod:`core.input_kind`): ``"dicom-gre"``,
+            ``"nifti-gre"``, ``"qsm-nifti"`` or ``"qsm-dicom"``.
+        precomputed_qsm: for a precomputed-QSM input, the :class:`core.qsm.pipeline.QSMResult` built
+            from it (the reconstruction step passes it on instead of reconstructing); else ``None``.
+        sources_synthesised: ``source_datasets`` were made here from NIfTI (no scanner DICOM exists);
+            the QSM writer then writes them to ``dicom/source`` so the SEG/SR references resolve.
     """
 
     geometry: Geometry
@@ -50,7 +59,11 @@ class GREVolume:
     phase_series_uid: str = ""
     patient: dict = field(default_factory=dict)
     source_datasets: list = field(default_factory=list, repr=False)
+    slice_references: list = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
+    input_kind: str = "dicom-gre"
+    precomputed_qsm: object | None = field(default=None, repr=False)
+    sources_synthesised: bool = False
 
     @property
     def n_echoes(self) -> int:
@@ -59,6 +72,7 @@ class GREVolume:
     def summary(self) -> dict:
         """JSON-friendly description (the app's summary.json)."""
         return {
+            "input_kind": self.input_kind,
             "manufacturer": self.manufacturer,
             "field_strength_t": self.field_strength_t,
             "n_echoes": self.n_echoes,

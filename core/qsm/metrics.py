@@ -1,21 +1,34 @@
 """Accuracy metrics for QSM against a known susceptibility map (simulation ground truth).
 
-Definitions follow the QSM reconstruction challenges / QSM-CI so that figures are comparable:
+:func:`nrmse`, :func:`nrmse_detrend`, :func:`hfen`, :func:`xsim` and :func:`correlation` are the
+QSM-CI scorer's (``qsm_ci.qsm_eval`` 0.6.2, itself a port of QSM.rs ``tests/common/mod.rs``), on
+the same convention as its ``score_arrays``: both maps are set to 0 outside the mask (and the
+reconstruction's non-finite voxels to 0) before anything is computed, so a number here is the
+number QSM-CI would publish for the same arrays (``tests/unit/test_qsm_metrics.py`` checks it
+against the installed package). Written here rather than imported so the product does not depend
+on a challenge's command-line package; the definitions:
 
-* :func:`nrmse` (%):  ``100 * ||(r - mean r) - (t - mean t)|| / ||t - mean t||`` over the mask
-  (both maps referenced to their own mean inside the mask; QSM-CI's "NRMSE demeaned").
-* :func:`hfen` (%): high-frequency error norm, ``100 * ||LoG(r) - LoG(t)|| / ||LoG(t)||`` with a
-  Laplacian-of-Gaussian of sigma 1.5 voxels (Ravishankar & Bresler 2011; QSM challenge 2016),
-  applied to the demeaned maps set to 0 outside the mask, norms taken inside the mask.
-* :func:`xsim`: XSIM (Milovic et al. 2019, QSM challenge 2.0): SSIM with K1 = 0.01, K2 = 0.001,
-  a 5 x 5 x 5 box window (sample covariances), data range ``max(t) - min(t)`` inside the mask, on
-  the maps set to 0 outside the mask, averaged over the mask. 1 for identical maps.
+* :func:`nrmse` (%): ``100 * ||(r - mean r) - (t - mean t)|| / ||t - mean t||`` over the mask
+  (each map referenced to its own mean inside the mask; QSM-CI's ``nrmse``).
+* :func:`nrmse_detrend` (%): the same after the least-squares line ``r = a t + b`` is undone
+  (``(r - b) / a``): what is left once a global scale error is forgiven.
+* :func:`hfen` (%): ``100 * ||LoG(r) - LoG(t)|| / ||LoG(t)||``, LoG of sigma 1.5 voxels (truncated
+  at 5 sigma) over the whole grid of the zeroed maps, norms inside the mask (2016 QSM challenge).
+  Not demeaned: an offset between the maps shows at the mask's edge and counts.
+* :func:`xsim`: XSIM (Milovic et al. 2019) as QSM-CI computes it: SSIM with ``L = 1`` (ppm, not
+  the data range), ``K1 = 0.01``, ``K2 = 0.001`` (``C1 = 1e-4``, ``C2 = 1e-6`` ppm^2), 5 x 5 x 5
+  box windows truncated at the grid's border (only in-grid voxels count), population (1/n)
+  variances, averaged over the mask voxels whose denominator is positive. 1 for identical maps.
+  (Until 2026-12 this module scaled the constants by the truth's range and used sample
+  covariances, which is not QSM-CI's XSIM although the docstring said so.)
+* :func:`correlation`: Pearson correlation inside the mask.
 * :func:`roi_means`: mean susceptibility per labelled structure (deep grey matter).
 * :func:`contrast_recovery`: mean recon / mean truth inside a sphere (microbleeds).
 * :func:`streaking`: QSM challenge 2.0 calcification streaking: standard deviation of the error
   ``r - t`` in a rim around the calcification (from 1 mm to 6 mm outside its surface) divided by
   ``|mean truth inside the calcification|``. The error, not ``r`` itself, so the anatomy around the
-  calcification does not count as streaking.
+  calcification does not count as streaking. (Ours; QSM-CI's ``calc_streak`` needs its phantom's
+  segmentation labels.)
 * :func:`dice`: ``2 |A & B| / (|A| + |B|)``.
 
 All functions take numpy arrays on the same grid; distances use ``spacing`` (mm) where relevant.
@@ -29,9 +42,10 @@ import numpy as np
 from scipy import ndimage
 
 HFEN_SIGMA_VOXELS = 1.5
+HFEN_TRUNCATE = 5.0
 XSIM_WINDOW = 5
-XSIM_K1 = 0.01
-XSIM_K2 = 0.001
+XSIM_C1 = 1e-4  # (K1 L)^2 with K1 = 0.01, L = 1 ppm
+XSIM_C2 = 1e-6  # (K2 L)^2 with K2 = 0.001
 RIM_GAP_MM = 1.0
 RIM_WIDTH_MM = 5.0
 
@@ -45,62 +59,93 @@ def _check(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray
     return m
 
 
-def _demeaned(a: np.ndarray, m: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    return np.where(m, a - a[m].mean(), 0.0)
+def _scored(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray):
+    """QSM-CI's convention: (mask, recon, truth) with both maps 0 outside the mask (float64)."""
+    m = _check(recon, truth, mask)
+    r = np.asarray(recon, dtype=np.float64)
+    r = np.where(m & np.isfinite(r), r, 0.0)
+    t = np.where(m, np.asarray(truth, dtype=np.float64), 0.0)
+    return m, r, t
+
+
+def _demeaned_in(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    v = a[m]
+    return v - v.mean()
 
 
 def nrmse(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
     """QSM-CI demeaned NRMSE in percent inside ``mask``."""
-    m = _check(recon, truth, mask)
-    r, t = _demeaned(recon, m)[m], _demeaned(truth, m)[m]
-    den = np.linalg.norm(t)
+    m, r, t = _scored(recon, truth, mask)
+    rv, tv = _demeaned_in(r, m), _demeaned_in(t, m)
+    den = np.linalg.norm(tv)
     if den == 0:
         raise ValueError("truth is constant inside the mask; NRMSE undefined")
-    return float(100.0 * np.linalg.norm(r - t) / den)
+    return float(100.0 * np.linalg.norm(rv - tv) / den)
+
+
+def nrmse_detrend(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """QSM-CI detrended NRMSE (%): NRMSE after undoing the least-squares line recon = a truth + b."""
+    m, r, t = _scored(recon, truth, mask)
+    rv, tv = _demeaned_in(r, m), _demeaned_in(t, m)
+    den = np.linalg.norm(tv)
+    if den == 0:
+        raise ValueError("truth is constant inside the mask; NRMSE undefined")
+    slope, intercept = np.polyfit(tv, rv, 1)
+    if abs(slope) < 1e-30:
+        return float(100.0 * np.linalg.norm(rv - tv) / den)
+    return float(100.0 * np.linalg.norm((rv - intercept) / slope - tv) / den)
+
+
+def correlation(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of the two maps inside ``mask`` (0 when either is constant there)."""
+    m, r, t = _scored(recon, truth, mask)
+    rv, tv = _demeaned_in(r, m), _demeaned_in(t, m)
+    den = np.linalg.norm(rv) * np.linalg.norm(tv)
+    return float(rv @ tv / den) if den > 0 else 0.0
 
 
 def hfen(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, sigma: float = HFEN_SIGMA_VOXELS) -> float:
-    """High-frequency error norm in percent (LoG sigma in voxels)."""
-    m = _check(recon, truth, mask)
-    lr = ndimage.gaussian_laplace(_demeaned(recon, m), sigma)
-    lt = ndimage.gaussian_laplace(_demeaned(truth, m), sigma)
+    """High-frequency error norm in percent (LoG sigma in voxels), QSM-CI's definition."""
+    m, r, t = _scored(recon, truth, mask)
+    lr = ndimage.gaussian_laplace(r, sigma, truncate=HFEN_TRUNCATE)
+    lt = ndimage.gaussian_laplace(t, sigma, truncate=HFEN_TRUNCATE)
     den = np.linalg.norm(lt[m])
     if den == 0:
         raise ValueError("truth has no high-frequency content inside the mask; HFEN undefined")
     return float(100.0 * np.linalg.norm((lr - lt)[m]) / den)
 
 
-def xsim(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, window: int = XSIM_WINDOW,
-         k1: float = XSIM_K1, k2: float = XSIM_K2, data_range: float | None = None) -> float:
-    """XSIM (SSIM with QSM-tuned constants) averaged over ``mask``; 1 for identical maps."""
+def xsim(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """XSIM as QSM-CI computes it, averaged over ``mask``; 1 for identical maps."""
     m = _check(recon, truth, mask)
-    return float(xsim_map(recon, truth, m, window, k1, k2, data_range)[m].mean())
+    local, valid = _xsim_local(recon, truth, m)
+    sel = m & valid
+    return float(local[sel].mean()) if sel.any() else 0.0
 
 
-def xsim_map(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, window: int = XSIM_WINDOW,
-             k1: float = XSIM_K1, k2: float = XSIM_K2, data_range: float | None = None) -> np.ndarray:
-    """Local XSIM of the maps set to 0 outside ``mask`` (every voxel of the grid)."""
+def xsim_map(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Local XSIM of the maps set to 0 outside ``mask`` (every voxel of the grid; NaN where undefined)."""
     m = _check(recon, truth, mask)
-    x = np.where(m, np.asarray(recon, dtype=np.float64), 0.0)
-    y = np.where(m, np.asarray(truth, dtype=np.float64), 0.0)
-    if data_range is None:
-        data_range = float(y[m].max() - y[m].min())
-    if data_range <= 0:
-        raise ValueError("truth is constant inside the mask; XSIM data range is 0")
-    n = float(window ** 3)
-    cov = n / (n - 1.0)
+    local, valid = _xsim_local(recon, truth, m)
+    return np.where(valid, local, np.nan)
 
-    def f(a: np.ndarray) -> np.ndarray:
-        return ndimage.uniform_filter(a, size=window, mode="reflect")
 
-    ux, uy = f(x), f(y)
-    vx = cov * (f(x * x) - ux * ux)
-    vy = cov * (f(y * y) - uy * uy)
-    vxy = cov * (f(x * y) - ux * uy)
-    c1 = (k1 * data_range) ** 2
-    c2 = (k2 * data_range) ** 2
-    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+def _xsim_local(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    _, x, y = _scored(recon, truth, mask)
+    k = XSIM_WINDOW
+
+    def mean(a: np.ndarray) -> np.ndarray:  # mean over the in-grid part of each window
+        return ndimage.uniform_filter(a, size=k, mode="constant", cval=0.0) / count
+
+    count = ndimage.uniform_filter(np.ones_like(x), size=k, mode="constant", cval=0.0)
+    ux, uy = mean(x), mean(y)
+    vx = mean(x * x) - ux * ux
+    vy = mean(y * y) - uy * uy
+    vxy = mean(x * y) - ux * uy
+    num = (2 * ux * uy + XSIM_C1) * (2 * vxy + XSIM_C2)
+    den = (ux * ux + uy * uy + XSIM_C1) * (vx + vy + XSIM_C2)
+    valid = den > 0
+    return np.divide(num, den, out=np.zeros_like(num), where=valid), valid
 
 
 def roi_means(chi: np.ndarray, labels: np.ndarray, codes: dict[str, int],

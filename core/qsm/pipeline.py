@@ -19,6 +19,7 @@ Units: phase in radians, echo times in seconds, field strength in tesla, fields 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -30,12 +31,15 @@ from core.errors import ReconstructionError
 from core.geometry import Geometry
 from core.qsm._fft import mask_bbox, pad_voxels_for
 from core.physics import phase_to_field_ppm
-from core.qsm.echo_fit import fit_field_ppm, fit_residual_rad, remove_phase_offset, temporal_unwrap
+from core.qsm.echo_fit import (echo1_consistency, fit_field_ppm, fit_residual_rad, remove_phase_offset,
+                               temporal_unwrap)
 from core.qsm.mask import _distance_inside, brain_mask, erode_mask
 from core.qsm.star import star_qsm
 from core.qsm.tkd import tkd
 from core.qsm.unwrap import laplacian_unwrap, path_unwrap
 from core.qsm.vsharp import vsharp
+
+log = logging.getLogger(__name__)
 
 MIN_VOXELS_PER_AXIS = 16
 CROP_MARGIN_MM = 6.0  # margin kept around the brain mask's bounding box after masking
@@ -87,6 +91,7 @@ class QSMResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     method: str = "star"
     reference: str = "mean over eroded mask = 0"
+    unwrap_corrected_voxels: int = 0  # core.qsm.echo_fit.echo1_consistency: > 0 flags a one-cycle error
 
 
 def _validate(
@@ -251,8 +256,13 @@ def reconstruct(
     else:
         psi, weights, dte = ph, mag, te
     residual = None
+    unwrap_corrected = 0
     if unwrap_method == "temporal":
         first = path_unwrap(psi[0], mask_box)
+        if remove_offset and ph.shape[0] >= 2:
+            first, n_fixed = echo1_consistency(first, ph[0], mag[0], float(te[0]), float(dte[0]), mask_box,
+                                               spacing)
+            unwrap_corrected = n_fixed
         unwrapped, omega = temporal_unwrap(psi, first, weights, dte, mask_box)
         timings["unwrap"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -292,4 +302,8 @@ def reconstruct(
         out[box] = a
         return out
 
-    return QSMResult(full(chi), mask, full(eroded), full(local), full(total), timings, method)
+    if unwrap_corrected:
+        log.warning("unwrapping: %d voxels of the first echo difference were one or more cycles off "
+                    "(a field jump over pi between neighbours) and were corrected from echo 1", unwrap_corrected)
+    return QSMResult(full(chi), mask, full(eroded), full(local), full(total), timings, method,
+                     unwrap_corrected_voxels=unwrap_corrected)

@@ -3,6 +3,7 @@
 * :mod:`core.report.seg`: binary DICOM SEG of the microbleeds (and mimics) on the source grid;
 * :mod:`core.report.sr`: Comprehensive 3D SR, TID 1500 measurement report;
 * :mod:`core.report.keyimages`: Secondary Capture key images (QSM + GRE crop per finding);
+* :mod:`core.report.keyobjects`: Key Object Selection document (key images + SR, "Of Interest");
 * :mod:`core.report.summary`: the clinical summary (counts, MARS table, Boston v2.0 pattern);
 * :mod:`core.report.codes`: every coded concept used, with where it was verified.
 
@@ -22,13 +23,15 @@ from core.findings import StudyFindings
 
 def write_reports(findings: StudyFindings, gre: GREVolume, chi_ppm: np.ndarray, out_dir: Path,
                   algorithm_version: str) -> dict[str, list[Path]]:
-    """Write SEG (when there is something segmented), SR, key images and the clinical summary.
+    """Write SEG (when there is something segmented), SR, key images, the KOS (when there are key
+    images) and the clinical summary.
 
-    Files in ``out_dir``: ``SEG_CMB.dcm``, ``SR_CMB.dcm``, ``KEY_<n>.dcm``, ``cmb_summary.json``
-    and ``cmb_summary.txt``. Returns the written paths by kind (``seg``, ``sr``, ``key_images``,
-    ``summary``).
+    Files in ``out_dir``: ``SEG_CMB.dcm``, ``SR_CMB.dcm``, ``KEY_<n>.dcm``, ``KO_CMB.dcm``,
+    ``cmb_summary.json`` and ``cmb_summary.txt``. Returns the written paths by kind (``seg``,
+    ``sr``, ``key_images``, ``kos``, ``summary``).
     """
     from core.report.keyimages import write_key_images
+    from core.report.keyobjects import write_kos
     from core.report.seg import write_seg
     from core.report.sr import write_sr
     from core.report.summary import clinical_summary
@@ -38,9 +41,11 @@ def write_reports(findings: StudyFindings, gre: GREVolume, chi_ppm: np.ndarray, 
     seg = write_seg(findings, gre, out_dir, algorithm_version)
     sr = write_sr(findings, gre, out_dir, algorithm_version, seg_path=seg)
     keys = write_key_images(findings, gre, chi_ppm, out_dir, algorithm_version)
+    kos = write_kos(findings, gre, out_dir, algorithm_version, keys, sr)
     summary = clinical_summary(findings)
     js = out_dir / "cmb_summary.json"
     js.write_text(json.dumps(summary, indent=2) + "\n")
     txt = out_dir / "cmb_summary.txt"
     txt.write_text(summary["text"] + "\n")
-    return {"seg": [seg] if seg else [], "sr": [sr], "key_images": keys, "summary": [js, txt]}
+    return {"seg": [seg] if seg else [], "sr": [sr], "key_images": keys,
+            "kos": [kos] if kos else [], "summary": [js, txt]}

@@ -15,9 +15,27 @@ What :func:`write_sr` puts in the report (DESIGN.md section 4, "SR"):
   deposits) when a SEG exists, else a POINT volume surface at the centre; measurements
   diameter (mm), volume (mm3), mean magnetic susceptibility (UCUM ``[ppm]``), detection probability
   (UCUM ``1``); qualitative evaluations MARS category and certainty (definite / possible);
+* before each finding's volumetric group, one TID 1410 planar group with the same tracking
+  identifier and tracking UID (one finding, two views of it): a SCOORD CIRCLE "Image Region"
+  (DCM 111030) on the first-echo magnitude image of the slice nearest the centre (``round(k)``;
+  for Enhanced MR the frame number), centre at pixel ``(i + 0.5, j + 0.5)`` (PS3.3 C.18.6.1.1:
+  (column, row), top-left corner of the top-left pixel at (0, 0)), second point on the
+  circumference at the finding's radius; finding type, category and site as in the 3D group.
+  Why: image viewers draw 2D SCOORDs on the referenced image; OHIF 3.x (its cornerstone-dicom-sr
+  extension, read from its source) merges measurement groups that share a Tracking Unique
+  Identifier and takes the first SCOORD/SCOORD3D of the merged group as the drawn graphic, so the
+  planar group comes first; it draws POINT (as an arrow), POLYLINE, CIRCLE and ELLIPSE, and
+  needs an Image Library;
+* an Image Library (TID 1600) listing the images those circles reference (highdicom's
+  ``referenced_images``; its entries cannot describe a frame of a multi-frame image, so for
+  Enhanced MR the entry is described from the frame's plane and given its frame number by hand,
+  :func:`_library_images`);
+* in every group, TID 4019 algorithm identification: name ``CMB-QSM``, the version, and the
+  operating point (``findings.parameters``, set by the detector) as Algorithm Parameters;
 * one TID 1501 summary group (tracking identifier ``Microbleed summary``): total number of
   microbleeds, the number per MARS region (finding site + laterality), per MARS category, and the
-  number of mimics. A negative study therefore still has one group, saying 0 microbleeds.
+  number of mimics. A negative study therefore still has one group, saying 0 microbleeds (and no
+  Image Library: nothing is drawn).
 
 Evidence: the source first-echo magnitude images (or the Enhanced MR instance) and the SEG.
 UIDs from :mod:`core.uids` (kind ``"SR CMB"``).
@@ -32,13 +50,14 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from pydicom.sequence import Sequence as DicomSequence
 
 from core.dicom.volume import GREVolume
 from core.findings import Finding, StudyFindings
 from core.mars import MARS_REGIONS
 from core.report import codes
-from core.report.seg import MANUFACTURER, segment_numbers
+from core.report.seg import MANUFACTURER, _frame_slices, segment_numbers
 from core.uids import derived_uid, result_instance_uid, result_series_uid
 
 SR_KIND = "SR CMB"
@@ -67,11 +86,89 @@ def _finding_site(region_key: str | None, side: str | None) -> list[hd.sr.Findin
     return [hd.sr.FindingSite(anatomic_location=codes.REGION_CODES[region_key], laterality=lat)]
 
 
-def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg_refs: dict[str, hd.sr.ReferencedSegment]):
-    tracking = hd.sr.TrackingIdentifier(
+def _tracking(f: Finding, findings: StudyFindings) -> hd.sr.TrackingIdentifier:
+    """Label and UID of a finding, shared by its planar and its volumetric group."""
+    return hd.sr.TrackingIdentifier(
         identifier=tracking_label(f),
         uid=derived_uid("finding", findings.study_instance_uid, findings.algorithm_version, str(f.index), f.kind),
     )
+
+
+def algorithm_identification(findings: StudyFindings, algorithm_version: str) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: name, version and, when the detector gave them (``findings.parameters``, see
+    :meth:`core.detect.detector.DetectorConfig.algorithm_parameters`), the operating point."""
+    params = [str(p) for p in (getattr(findings, "parameters", None) or [])]
+    return hd.sr.AlgorithmIdentification(name=DEVICE_NAME, version=str(algorithm_version),
+                                         parameters=params or None)
+
+
+def slice_index(f: Finding, gre: GREVolume) -> int:
+    """The acquisition slice nearest the finding's centre: ``round(k)``, clipped to the grid."""
+    return int(np.clip(round(float(f.centre_voxel[2])), 0, gre.geometry.shape[2] - 1))
+
+
+def slice_reference(gre: GREVolume, k: int) -> tuple[str, str, int | None] | None:
+    """(SOPClassUID, SOPInstanceUID, frame number or None) of first-echo slice ``k``.
+
+    From ``gre.slice_references`` (the loader's); for a hand-built volume without them, a classic
+    source image whose ImagePositionPatient lies on slice ``k``. ``None`` when there is none.
+    """
+    if gre.slice_references:
+        cls, uid, frame = gre.slice_references[k]
+        return str(cls), str(uid), (None if frame is None else int(frame))
+    if not gre.source_datasets or "PerFrameFunctionalGroupsSequence" in gre.source_datasets[0]:
+        return None
+    ks = _frame_slices(gre)
+    if k not in ks:
+        return None
+    ds = gre.source_datasets[ks.index(k)]
+    return str(ds.SOPClassUID), str(ds.SOPInstanceUID), None
+
+
+def image_region(f: Finding, gre: GREVolume) -> hd.sr.ImageRegion | None:
+    """SCOORD CIRCLE on the source magnitude image of the finding's slice (TID 1410 "Image Region").
+
+    Pixel coordinates (PS3.3 C.18.6.1.1) are (column, row) with the top-left corner of the
+    top-left pixel at (0, 0), so the centre of voxel ``(i, j)`` (columns follow i, rows follow j,
+    as in the source images) is ``(i + 0.5, j + 0.5)``; the fractional centre keeps its sub-voxel
+    part. The circle's second point lies on the circumference at the finding's radius
+    (``diameter_mm / 2``) along the row, in column pixels.
+    """
+    ref = slice_reference(gre, slice_index(f, gre))
+    if ref is None:
+        return None
+    cls, uid, frame = ref
+    x, y = float(f.centre_voxel[0]) + 0.5, float(f.centre_voxel[1]) + 0.5
+    r_px = float(f.diameter_mm) / 2.0 / float(gre.geometry.spacing[0])
+    source = hd.sr.SourceImageForRegion(cls, uid, referenced_frame_numbers=None if frame is None else [frame])
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+        graphic_data=np.array([[x, y], [x + r_px, y]], dtype=np.float64),
+        source_image=source,
+        pixel_origin_interpretation=None if frame is None else hd.sr.PixelOriginInterpretationValues.FRAME,
+    )
+
+
+def _planar_group(f: Finding, gre: GREVolume, findings: StudyFindings,
+                  algo: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 group of a finding: its circle on the source image, same tracking label and UID as
+    its volumetric group (so a viewer merges both into one finding), type, category, site."""
+    region = image_region(f, gre)
+    if region is None:
+        return None
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(f, findings),
+        referenced_region=region,
+        finding_type=codes.FINDING_BY_KIND[f.kind],
+        finding_category=codes.CATEGORY_ABNORMAL,
+        finding_sites=_finding_site(f.mars_region, f.side),
+        algorithm_id=copy.deepcopy(algo),
+    )
+
+
+def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg_refs: dict[str, hd.sr.ReferencedSegment],
+           algo: hd.sr.AlgorithmIdentification):
+    tracking = _tracking(f, findings)
     measurements = [
         hd.sr.Measurement(name=codes.DIAMETER, value=round(float(f.diameter_mm), 2), unit=codes.UNIT_MM),
         hd.sr.Measurement(name=codes.VOLUME, value=round(float(f.volume_mm3), 2), unit=codes.UNIT_MM3),
@@ -94,6 +191,7 @@ def _group(f: Finding, gre: GREVolume, findings: StudyFindings, seg_refs: dict[s
         finding_sites=_finding_site(f.mars_region, f.side),
         measurements=measurements,
         qualitative_evaluations=evaluations,
+        algorithm_id=copy.deepcopy(algo),
         **kw,
     )
     _append_centre(group, f, gre)
@@ -129,7 +227,8 @@ def _append_centre(group, f: Finding, gre: GREVolume) -> None:
     group[0].ContentSequence.append(item)
 
 
-def _summary_group(findings: StudyFindings) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _summary_group(findings: StudyFindings,
+                   algo: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     cmbs = findings.microbleeds
     m = [hd.sr.Measurement(name=codes.NUMBER_OF_LESIONS, value=float(len(cmbs)), unit=codes.UNIT_COUNT)]
     per_region = Counter((f.mars_region, f.side) for f in cmbs if f.mars_region)
@@ -146,6 +245,7 @@ def _summary_group(findings: StudyFindings) -> hd.sr.MeasurementsAndQualitativeE
             identifier=codes.TRACKING_SUMMARY,
             uid=derived_uid("summary", findings.study_instance_uid, findings.algorithm_version)),
         finding_type=codes.FINDING_CMB,
+        algorithm_id=copy.deepcopy(algo),
         measurements=m,
     )
 
@@ -168,6 +268,53 @@ def referenced_segment(seg, segment_number: int) -> hd.sr.ReferencedSegment:
     return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number)
 
 
+def _library_images(findings: StudyFindings, gre: GREVolume) -> list[tuple[pydicom.Dataset, int | None]]:
+    """The images the planar groups point at, once each, for the Image Library (TID 1600), with the
+    frame number for a multi-frame source.
+
+    A classic image is given as its own header. highdicom's Image Library reads PixelSpacing,
+    ImageOrientationPatient and ImagePositionPatient at the top level, which an Enhanced MR
+    instance keeps in functional groups: for a frame of one, the entry is described by a header
+    that holds the instance's UIDs and the frame's plane from the GRE geometry (the same geometry
+    the loader built from those functional groups); :func:`_set_library_frames` then adds the
+    frame number to the entry.
+    """
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in gre.source_datasets}
+    g = gre.geometry
+    out: dict[tuple[str, int | None], tuple[pydicom.Dataset, int | None]] = {}
+    for f in findings.microbleeds + findings.mimics:
+        k = slice_index(f, gre)
+        ref = slice_reference(gre, k)
+        if ref is None or ref[1] not in by_uid or (ref[1], ref[2]) in out:
+            continue
+        ds = by_uid[ref[1]]
+        if ref[2] is not None:
+            proxy = pydicom.Dataset()
+            for kw in ("SOPClassUID", "SOPInstanceUID", "Modality", "FrameOfReferenceUID", "Rows", "Columns"):
+                setattr(proxy, kw, ds.get(kw))
+            proxy.PixelSpacing = [float(v) for v in g.pixel_spacing()]
+            proxy.SliceThickness = float(g.spacing[2])
+            proxy.ImageOrientationPatient = [float(v) for v in g.image_orientation()]
+            proxy.ImagePositionPatient = [float(v) for v in g.slice_position(k)]
+            ds = proxy
+        out[(ref[1], ref[2])] = (ds, ref[2])
+    return list(out.values())
+
+
+def _set_library_frames(report: hd.sr.MeasurementReport, frames: list[int | None]) -> None:
+    """Put ReferencedFrameNumber on the Image Library entries of multi-frame images (highdicom
+    writes the entries in the order it was given them, within one group per frame of reference)."""
+    if all(n is None for n in frames):
+        return
+    library = [it for it in report[0].ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    entries = [it for grp in library[0].ContentSequence for it in grp.ContentSequence if it.ValueType == "IMAGE"]
+    if len(entries) != len(frames):
+        raise RuntimeError(f"Image Library has {len(entries)} entries for {len(frames)} images")
+    for item, n in zip(entries, frames):
+        if n is not None:
+            item.ReferencedSOPSequence[0].ReferencedFrameNumber = int(n)
+
+
 def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
              seg: hd.seg.Segmentation | None = None,
              content_datetime: _dt.datetime | None = None) -> hd.sr.Comprehensive3DSR:
@@ -181,12 +328,20 @@ def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
     # one reference per segment, shared by the groups of that kind (from_segmentation walks the SEG)
     seg_refs = ({kind: referenced_segment(seg, n)
                  for kind, n in segment_numbers(findings).items()} if seg is not None else {})
-    ordered = findings.microbleeds + findings.mimics
-    groups = [_group(f, gre, findings, seg_refs) for f in ordered]
-    groups.append(_summary_group(findings))
+    algo = algorithm_identification(findings, algorithm_version)
+    library = _library_images(findings, gre)
+    groups = []
+    for f in findings.microbleeds + findings.mimics:
+        planar = _planar_group(f, gre, findings, algo)
+        if planar is not None:  # first: a viewer merging groups by UID takes its image-referenced circle
+            groups.append(planar)
+        groups.append(_group(f, gre, findings, seg_refs, algo))
+    groups.append(_summary_group(findings, algo))
     report = hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=codes.PROCEDURE, imaging_measurements=groups,
-        title=codes.codes.cid7021.ImagingMeasurementReport)
+        title=codes.codes.cid7021.ImagingMeasurementReport,
+        referenced_images=[ds for ds, _ in library] or None)
+    _set_library_frames(report, [n for _, n in library])
     series_uid, sop_uid = sr_uids(gre, algorithm_version)
     evidence = list(gre.source_datasets) + ([seg] if seg is not None else [])
     now = content_datetime or _dt.datetime.now()

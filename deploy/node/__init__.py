@@ -3,8 +3,8 @@
 ``python -m deploy.node --config node.yaml`` serves; ``... status`` lists studies, jobs and
 deliveries. Modules: ``config`` (YAML, validated), ``spool`` (durable files, UID checks),
 ``queue`` (SQLite: instances, studies, jobs, deliveries; the late-arrival policy is documented
-there), ``scp`` (Storage SCP), ``scheduler`` (quiet period, trigger rules), ``worker`` (runs the
-app), ``sender`` (C-STORE SCU with back-off), ``service`` (wiring and crash recovery), ``logs``
+there), ``scp`` (Storage SCP), ``scheduler`` (quiet period, early start, trigger rules), ``completeness`` (is a
+GRE series complete, from what each instance says), ``worker`` (runs the app), ``sender`` (C-STORE SCU with back-off), ``service`` (wiring and crash recovery), ``logs``
 (JSON lines).
 """
 

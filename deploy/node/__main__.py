@@ -41,9 +41,10 @@ def format_status(snap: dict[str, list[dict[str, Any]]]) -> str:
                      [[s["study_uid"], s["calling_aet"], s["n_instances"], _when(s["last_received"]),
                        s["state"], s["reason"]] for s in snap["studies"]])
     jobs = _table("jobs", ["id", "study_uid", "state", "trigger", "attempts", "instances", "results",
-                           "updated", "reason"],
+                           "updated", "started_because", "reason"],
                   [[j["id"], j["study_uid"], j["state"], j["trigger"], j["attempts"], j["n_instances"],
-                    j["n_results"], _when(j["updated_at"]), j["reason"]] for j in snap["jobs"]])
+                    j["n_results"], _when(j["updated_at"]), j.get("start_reason"), j["reason"]]
+                   for j in snap["jobs"]])
     deliveries = _table("deliveries", ["id", "job", "destination", "state", "attempts",
                                        "next_attempt", "sop_instance_uid", "last_error"],
                         [[d["id"], d["job_id"], d["destination"], d["state"], d["attempts"],

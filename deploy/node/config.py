@@ -141,6 +141,10 @@ class NodeConfig:
     bind: str = "0.0.0.0"
     allowed_calling_aets: tuple[str, ...] = ()
     study_quiet_seconds: float = 30.0
+    #: queue a study before its quiet period ends when every GRE series received is complete
+    #: (deploy/node/completeness.py) and nothing arrived for ``early_start_guard_seconds``
+    early_start: bool = True
+    early_start_guard_seconds: float = 1.0
     workers: int = 1
     min_free_mb: float = 1024.0
     destinations: tuple[Destination, ...] = ()
@@ -151,6 +155,7 @@ class NodeConfig:
     tls: TLSConfig | None = None
     poll_seconds: float = 0.5
     log_file: Path | None = None
+    ingest_journal: bool = False  # opt-in: group-commit journal (deploy/node/spool.Journal)
 
 
 def _type_name(value: Any) -> str:
@@ -282,9 +287,12 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
     allowed = tuple(_ae_title(a, f"allowed_calling_aets[{i}]") for i, a in enumerate(aets))
 
     quiet = float(r.number("study_quiet_seconds", 30.0, strictly_positive=True))
+    early_start = r.boolean("early_start", True)
+    guard = float(r.number("early_start_guard_seconds", 1.0))  # >= quiet: early start never acts
     workers = int(r.number("workers", 1, minimum=1, integer=True))
     min_free_mb = float(r.number("min_free_mb", 1024.0))
     poll = float(r.number("poll_seconds", 0.5, strictly_positive=True))
+    ingest_journal = r.boolean("ingest_journal", False)
 
     dests_raw = r.get("destinations", [])
     if not isinstance(dests_raw, list):
@@ -398,7 +406,8 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
 
     return NodeConfig(
         ae_title=ae_title, port=port, bind=bind, spool=spool, allowed_calling_aets=allowed,
-        study_quiet_seconds=quiet, workers=workers, min_free_mb=min_free_mb,
+        study_quiet_seconds=quiet, early_start=early_start, early_start_guard_seconds=guard,
+        workers=workers, min_free_mb=min_free_mb, ingest_journal=ingest_journal,
         destinations=tuple(dests), retry=retry, association=assoc, triggers=triggers, app=app,
         tls=tls, poll_seconds=poll, log_file=log_file,
     )

@@ -7,15 +7,19 @@ instance: its fsynced spool file is the durable record, so the row is committed 
 latest such rows); ``deploy.node.service.reconcile`` re-registers those files at start-up. The
 reasoning is in deploy/README.md.
 
-Schema (``PRAGMA user_version`` = 1)::
+Schema (``PRAGMA user_version`` = 2; a version-1 database is migrated in place on open by adding
+the version-2 columns with ALTER TABLE, so an existing spool keeps working)::
 
     studies(study_uid PK, calling_aet, first_received, last_received, n_instances,
             state: receiving | complete | ignored, reason)
     instances(seq PK autoincrement, sop_instance_uid UNIQUE, study_uid, series_uid, sop_class_uid,
               transfer_syntax, path (relative to the spool), sha256, size, calling_aet, received_at,
-              modality, image_type, series_description, component)
+              modality, image_type, series_description, component,
+              v2: position, orientation, slice_thickness_mm, echo_time_ms, echo_number, echo_train_length,
+              images_in_acquisition, instance_number, frames -- see deploy/node/completeness.py)
     jobs(id PK, study_uid, state, trigger, attempts, reason, created_at, updated_at, started_at,
-         finished_at, max_seq, n_instances, n_results, app_pid)
+         finished_at, max_seq, n_instances, n_results, app_pid,
+         v2: start_reason -- why the job was queued: 'complete: ...' or 'quiet period elapsed')
     deliveries(id PK, job_id -> jobs, result_path, sop_instance_uid, sop_class_uid, transfer_syntax,
                destination, state: pending | delivered | failed, attempts, next_attempt_at,
                last_error, delivered_at, UNIQUE(job_id, result_path, destination))
@@ -23,7 +27,8 @@ Schema (``PRAGMA user_version`` = 1)::
 Job states::
 
     received  the study is still arriving (quiet period not over)
-    queued    quiet period over and a trigger rule matched; waiting for a worker
+    queued    quiet period over (or, with early_start, every GRE series complete) and a trigger
+              rule matched; waiting for a worker
     running   a worker runs the app on a snapshot (instances with seq <= max_seq)
     done      the app succeeded; deliveries pending
     delivered every result reached every destination
@@ -49,7 +54,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from .completeness import COLUMNS as COMPLETENESS_COLUMNS
+
+SCHEMA_VERSION = 2
+
+#: Columns added in version 2, per table (added to a version-1 database when it is opened).
+V2_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "instances": COMPLETENESS_COLUMNS,
+    "jobs": (("start_reason", "TEXT"),),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -117,6 +130,9 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
 """
 
 
+_GEOMETRY_NAMES = ", ".join(name for name, _ in COMPLETENESS_COLUMNS)
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """What the queue keeps about one stored instance."""
@@ -134,6 +150,8 @@ class InstanceRecord:
     image_type: str = ""
     series_description: str = ""
     component: str = ""
+    #: what the instance says about its series' completeness (completeness.completeness_fields)
+    geometry: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,13 +190,30 @@ class Queue:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise RuntimeError(f"queue database {self.path} has schema version {version}, "
                                    f"this node understands {SCHEMA_VERSION}")
             if version == 0:  # a new database (the status command never writes to a live one)
                 self._db.executescript(SCHEMA)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                self._migrate()
         self._db.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        """Add the version-2 columns that are missing (all nullable, so old rows stay valid),
+        then set the version, in one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, columns in V2_COLUMNS.items():
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, sql_type in columns:
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -237,13 +272,16 @@ class Queue:
                 db.execute("INSERT INTO studies (study_uid, calling_aet, first_received, last_received,"
                            " n_instances, state) VALUES (?, ?, ?, ?, 0, 'receiving')",
                            (rec.study_uid, rec.calling_aet, now, now))
+            geometry = rec.geometry or {}
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid,"
                 " transfer_syntax, path, sha256, size, calling_aet, received_at, modality, image_type,"
-                " series_description, component) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " series_description, component, " + _GEOMETRY_NAMES + ") VALUES (?,?,?,?,?,?,?,?,?,?,"
+                "?,?,?,?," + ",".join("?" * len(COMPLETENESS_COLUMNS)) + ")",
                 (rec.sop_instance_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
                  rec.transfer_syntax, rec.path, rec.sha256, rec.size, rec.calling_aet, now,
-                 rec.modality, rec.image_type, rec.series_description, rec.component))
+                 rec.modality, rec.image_type, rec.series_description, rec.component,
+                 *(geometry.get(name) for name, _ in COMPLETENESS_COLUMNS)))
             db.execute("UPDATE studies SET last_received = ?, n_instances = n_instances + 1,"
                        " state = 'receiving', reason = NULL, calling_aet = ? WHERE study_uid = ?",
                        (now, rec.calling_aet, rec.study_uid))
@@ -274,7 +312,8 @@ class Queue:
         """Jobs in 'received' with their study's last_received time."""
         with self._lock:
             return self._db.execute(
-                "SELECT j.id AS job_id, j.study_uid, s.last_received, s.calling_aet FROM jobs j"
+                "SELECT j.id AS job_id, j.study_uid, s.last_received, s.n_instances, s.calling_aet"
+                " FROM jobs j"
                 " JOIN studies s ON s.study_uid = j.study_uid WHERE j.state = 'received'"
                 " ORDER BY j.id").fetchall()
 
@@ -285,11 +324,26 @@ class Queue:
                 " FROM instances WHERE study_uid = ?", (study_uid,)).fetchall()
         return [SeriesInfo(r[0], r[1] or "", r[2] or "", r[3] or "") for r in rows]
 
+    def completeness_rows(self, study_uid: str) -> list[sqlite3.Row]:
+        """The study's instances with what completeness.series_completeness reads, by series."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT series_uid, component, " + _GEOMETRY_NAMES + " FROM instances"
+                " WHERE study_uid = ? ORDER BY series_uid, seq", (study_uid,)).fetchall()
+
+    def study_ran_before(self, study_uid: str, job_id: int) -> bool:
+        """Whether an earlier job of the study was started (this job is then a late-arrival re-run)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM jobs WHERE study_uid = ? AND id < ? AND started_at IS NOT NULL"
+                " LIMIT 1", (study_uid, job_id)).fetchone() is not None
+
     def complete_study(self, job_id: int, study_uid: str, seen_last_received: float,
-                       trigger: str | None, now: float) -> bool:
+                       trigger: str | None, now: float, start_reason: str | None = None) -> bool:
         """Close the quiet period: queue the job (trigger matched) or skip it.
 
-        Does nothing and returns False if an instance arrived since ``seen_last_received``.
+        ``start_reason`` is kept on the job (why it was queued now). Does nothing and returns
+        False if an instance arrived since ``seen_last_received``.
         """
         with self._tx() as db:
             row = db.execute("SELECT last_received FROM studies WHERE study_uid = ?",
@@ -298,8 +352,8 @@ class Queue:
                 return False
             if trigger is not None:
                 n = db.execute("UPDATE jobs SET state = 'queued', trigger = ?, updated_at = ?,"
-                               " reason = NULL WHERE id = ? AND state = 'received'",
-                               (trigger, now, job_id)).rowcount
+                               " reason = NULL, start_reason = ? WHERE id = ? AND state = 'received'",
+                               (trigger, now, start_reason, job_id)).rowcount
                 db.execute("UPDATE studies SET state = 'complete', reason = NULL WHERE study_uid = ?",
                            (study_uid,))
             else:

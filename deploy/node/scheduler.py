@@ -6,6 +6,16 @@ rules decide whether the study holds something the app can analyse (GRE magnitud
 QSM or SWI series): if one matches, the study's job is queued for a worker; if none does, the job
 is marked 'skipped' with the reason, and the study stays in the spool.
 
+Early start (``early_start``, on by default): a study may be queued before its quiet period ends
+when every series received so far that the GRE analysis could use (:func:`completeness.
+is_gre_candidate`: an image component, one orientation) is complete by
+:func:`completeness.series_completeness`, at least one such series exists, a trigger rule matches,
+and no instance arrived for ``early_start_guard_seconds``. Series without an image component
+(localisers written as such, T1, reports) never hold it back. Only a study's first run starts early:
+a job opened by instances that arrived after an earlier job of the study started (the late-arrival
+policy in deploy/node/queue.py) waits for the quiet period, so a trickle of late series makes one
+re-run, not one per series. Every queued job logs and keeps (``jobs.start_reason``) why it started.
+
 The clock is injectable (``clock=`` a function returning epoch seconds) so tests drive time.
 """
 
@@ -16,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from .completeness import is_gre_candidate, series_completeness
 from .config import TriggerRule
 from .logs import log_event
 from .queue import Queue, SeriesInfo
@@ -74,14 +85,20 @@ class Scheduler:
     """Closes quiet periods and queues jobs. ``tick()`` does one pass; ``start()`` runs a thread."""
 
     def __init__(self, queue: Queue, rules: tuple[TriggerRule, ...], quiet_seconds: float,
-                 clock: Callable[[], float] = time.time, poll_seconds: float = 0.5) -> None:
+                 clock: Callable[[], float] = time.time, poll_seconds: float = 0.5,
+                 early_start: bool = False, guard_seconds: float = 1.0) -> None:
         self.queue = queue
         self.rules = rules
         self.quiet_seconds = quiet_seconds
+        self.early_start = early_start
+        self.guard_seconds = guard_seconds
         self.clock = clock
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: job id -> ((study's last_received, n_instances), complete_reason): the study is re-read
+        #: only when an instance arrived since (judged once while it waits, not on every tick)
+        self._judged: dict[int, tuple[tuple[float, int], str | None]] = {}
         self.wake = threading.Event()  # set when a job was queued (workers wait on it)
 
     def tick(self) -> list[tuple[int, str]]:
@@ -89,19 +106,49 @@ class Scheduler:
         now = self.clock()
         changed = []
         for row in self.queue.receiving_jobs():
-            if now - row["last_received"] < self.quiet_seconds:
-                continue
-            trigger = match_trigger(self.rules, self.queue.study_series(row["study_uid"]))
+            idle = now - row["last_received"]
+            if idle < self.quiet_seconds:
+                if not self.early_start or idle < self.guard_seconds:
+                    continue
+                seen = (row["last_received"], row["n_instances"])
+                judged = self._judged.get(row["job_id"])
+                if judged is None or judged[0] != seen:
+                    judged = (seen, self.complete_reason(row["study_uid"], row["job_id"]))
+                    self._judged[row["job_id"]] = judged
+                start_reason = judged[1]
+                if start_reason is None:
+                    continue
+                trigger = match_trigger(self.rules, self.queue.study_series(row["study_uid"]))
+                if trigger is None:  # complete but nothing to analyse: the quiet period decides
+                    continue
+            else:
+                start_reason = f"quiet period elapsed ({self.quiet_seconds:g} s)"
+                trigger = match_trigger(self.rules, self.queue.study_series(row["study_uid"]))
+            self._judged.pop(row["job_id"], None)
             if self.queue.complete_study(row["job_id"], row["study_uid"], row["last_received"],
-                                         trigger, now):
+                                         trigger, now, start_reason if trigger else None):
                 state = "queued" if trigger else "skipped"
                 changed.append((row["job_id"], state))
                 log_event("study_complete", study_uid=row["study_uid"],
                           calling_aet=row["calling_aet"], job_id=row["job_id"], job_state=state,
-                          trigger=trigger)
+                          trigger=trigger, start_reason=start_reason,
+                          seconds_since_last_instance=round(idle, 3))
         if any(state == "queued" for _, state in changed):
             self.wake.set()
         return changed
+
+    def complete_reason(self, study_uid: str, job_id: int) -> str | None:
+        """'complete: N series, M instances' when the study may start early, else None."""
+        by_series: dict[str, list] = {}
+        for r in self.queue.completeness_rows(study_uid):
+            by_series.setdefault(r["series_uid"], []).append(r)
+        candidates = [rows for rows in by_series.values() if is_gre_candidate(rows)]
+        if not candidates or not all(series_completeness(rows).complete for rows in candidates):
+            return None
+        if self.queue.study_ran_before(study_uid, job_id):
+            return None
+        return (f"complete: {len(candidates)} series, {sum(len(c) for c in candidates)} instances"
+                f" ({sum(len(rows) for rows in by_series.values())} in the study)")
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):

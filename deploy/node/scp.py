@@ -13,7 +13,9 @@ The C-STORE handler, for every instance:
    file, fsyncs it, renames it to ``instances/<study>/<series>/<sop>.dcm`` and fsyncs the folder
    (shared with concurrent writers, see ``spool.DirSyncer``); a full disk answers 0xA700, another
    I/O error 0xC230;
-6. commits the instance row to the SQLite queue, and only then answers 0x0000. The fsynced file
+6. records, with the row, what the instance says about its series' completeness (position, echo,
+   EchoTrainLength, ImagesInAcquisition, per-frame groups: :func:`completeness_evidence`);
+7. commits the instance row to the SQLite queue, and only then answers 0x0000. The fsynced file
    is the durable record, so the row's commit skips the WAL fsync (``reconcile`` re-registers
    the file after a power cut); the commit is durable when it deletes an older copy
    (an instance moved to another study/series). Reasoning: deploy/README.md.
@@ -39,6 +41,7 @@ from pydicom.uid import UID
 from pynetdicom import (ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID,
                         PYNETDICOM_IMPLEMENTATION_VERSION, sop_class)
 
+from .completeness import COMPONENTS, completeness_fields
 from .logs import log_event
 from .queue import InstanceRecord, Queue
 from .scheduler import image_component
@@ -150,6 +153,18 @@ def _ge_component(ds: Any) -> int | None:
         return None
 
 
+def completeness_evidence(ds: Any, component: str) -> tuple[str, dict[str, Any]]:
+    """The image component (a ComplexImageComponent MAGNITUDE / PHASE / REAL / IMAGINARY wins over
+    the ImageType guess) and what the instance says about its series' completeness, for the
+    scheduler's early start (deploy/node/completeness.py). Never raises."""
+    geometry = completeness_fields(ds, component)
+    try:
+        cic = str(ds.get("ComplexImageComponent", "") or "").upper()
+    except Exception:
+        cic = ""
+    return COMPONENTS.get(cic, component), geometry
+
+
 def _is_uid(value: str) -> bool:
     try:
         validate_uid(value)
@@ -199,6 +214,7 @@ class StoreHandler:
             image_type = _text(ds, "ImageType")
             description = _text(ds, "SeriesDescription")
             component = image_component(image_type, _ge_component(ds))
+            component, geometry = completeness_evidence(ds, component)
         except Exception as exc:
             log_event("store_rejected", level="warning", calling_aet=calling, status="0xC210",
                       reason=f"dataset cannot be decoded: {type(exc).__name__}: {exc}"[:300])
@@ -251,6 +267,7 @@ class StoreHandler:
                 sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
                 path=rel, sha256=digest, size=len(data), calling_aet=calling, modality=modality,
                 image_type=image_type, series_description=description, component=component,
+                geometry=geometry,
             ), self.clock(), durable=moved)
             if outcome == "replaced" and moved:
                 # same SOP Instance UID re-sent under another study/series: drop the old copy

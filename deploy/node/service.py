@@ -29,7 +29,7 @@ from .logs import configure, log_event
 from .pynetdicom_tuning import conn_open_handlers
 from .queue import InstanceRecord, Queue
 from .scheduler import Scheduler, image_component
-from .scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StoreHandler
+from .scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StoreHandler, completeness_evidence
 from .sender import Sender
 from .spool import Spool, validate_uid
 from .worker import Worker, stop_orphan_app
@@ -55,6 +55,7 @@ def reconcile(spool: Spool, queue: Queue, clock: Callable[[], float] = time.time
             continue
         data = path.read_bytes()
         image_type = "\\".join(str(v) for v in ds.get("ImageType", []) or [])
+        component, geometry = completeness_evidence(ds, image_component(image_type))
         queue.record_instance(InstanceRecord(
             sop_instance_uid=sop, study_uid=study, series_uid=series,
             sop_class_uid=str(ds.get("SOPClassUID", "")),
@@ -62,7 +63,7 @@ def reconcile(spool: Spool, queue: Queue, clock: Callable[[], float] = time.time
             sha256=hashlib.sha256(data).hexdigest(), size=len(data), calling_aet="(recovered)",
             modality=str(ds.get("Modality", "")), image_type=image_type,
             series_description=str(ds.get("SeriesDescription", "")),
-            component=image_component(image_type)), clock())
+            component=component, geometry=geometry), clock())
         added += 1
         log_event("instance_recovered", study_uid=study, sop_instance_uid=sop, path=rel)
     return added
@@ -79,7 +80,8 @@ class Node:
 
     def start(self) -> None:
         cfg = self.cfg
-        self.spool = Spool(cfg.spool, int(cfg.min_free_mb * 1024 * 1024))
+        self.spool = Spool(cfg.spool, int(cfg.min_free_mb * 1024 * 1024),
+                           journal=cfg.ingest_journal)
         removed = self.spool.clean_tmp()
         self.queue = Queue(self.spool.db_path)
         recovered = self.queue.recover(cfg.app.max_attempts, self.clock())
@@ -87,13 +89,14 @@ class Node:
                    if stop_orphan_app(pid, self.spool.job_dir(job) / f"attempt-{attempt}")]
         added = reconcile(self.spool, self.queue, self.clock)
         log_event("node_recovered", partial_writes_removed=removed, instances_registered=added,
+                  journal_files_rewritten=self.spool.replayed,
                   jobs_requeued=[j for j, s, *_ in recovered if s == "queued"],
                   jobs_failed=[j for j, s, *_ in recovered if s == "failed"],
                   orphan_apps_killed=orphans)
 
         self.handler = StoreHandler(self.spool, self.queue, self.clock)
         self.scheduler = Scheduler(self.queue, cfg.triggers, cfg.study_quiet_seconds, self.clock,
-                                   cfg.poll_seconds)
+                                   cfg.poll_seconds, cfg.early_start, cfg.early_start_guard_seconds)
         self.sender = Sender(cfg, self.spool, self.queue, self.clock)
         self.workers = [Worker(f"worker-{i + 1}", cfg, self.spool, self.queue, self.scheduler.wake,
                                self.sender.wake.set, self.clock) for i in range(cfg.workers)]
@@ -132,6 +135,7 @@ class Node:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+        self.spool.close()
         self.scheduler.stop()
         for w in self.workers:
             w.stop()

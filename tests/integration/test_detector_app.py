@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -123,8 +124,16 @@ def test_operators_write_findings_and_dicom(case) -> None:
     assert len(keys) == len(sf.findings)
     assert sr.StudyInstanceUID == seg.StudyInstanceUID == gre.study_instance_uid
     assert seg.Modality == "SEG" and sr.Modality == "SR"
-    for p in (dcm / "SR_CMB.dcm", dcm / "SEG_CMB.dcm", keys[0]):
+    for p in (dcm / "SR_CMB.dcm", dcm / "SEG_CMB.dcm", keys[0], dcm / "KO_CMB.dcm"):
         assert dciodvfy_errors(p) == [], p
+    # the detector's operating point reaches the SR (TID 4019), the planar circles every finding
+    params = [it.TextValue for it in sr.ContentSequence[-1].ContentSequence[0].ContentSequence
+              if it.ValueType == "TEXT" and it.ConceptNameCodeSequence[0].CodeValue == "111002"]
+    assert params == sf.parameters and any(p.startswith("stage1_threshold=") for p in params)  # type: ignore
+    planar = hd.sr.srread(dcm / "SR_CMB.dcm").content.get_planar_roi_measurement_groups()
+    assert len(planar) == len(sf.findings)
+    kos = pydicom.dcmread(dcm / "KO_CMB.dcm")
+    assert kos.StudyInstanceUID == gre.study_instance_uid
 
 
 def test_operator_refuses_a_missing_model_folder(case, tmp_path, monkeypatch) -> None:

@@ -1,34 +1,45 @@
-"""SR, SEG and key images of one simulated study: valid DICOM, right geometry, readable back.
+"""SR, SEG, key images and KOS of one simulated study: valid DICOM, right geometry, readable back.
 
 One coarse (4 mm) simulated subject with four microbleeds (lobar, deep, infratentorial, lobar) and
 one calcification, written as classic MR and as Enhanced MR; findings are built at the truth
 lesions (:func:`core.report.demo.findings_from_truth`). Checked: dciodvfy reports no error for
-SEG, SR and SC; DCMTK dsrdump renders the SR; highdicom reads the SR back with every microbleed's
-centre and MARS region; every SEG frame holds the label map at its own plane position; UIDs are
-stable; a negative study gets an SR saying 0 and no SEG.
+SEG, SR, SC and KOS; DCMTK dsrdump renders the SR and the KOS; highdicom reads the SR back with
+every microbleed's centre and MARS region, and with one image-referenced circle per finding on
+the right first-echo image at the right pixel coordinates; the Image Library lists those images;
+every group carries the algorithm identification; dcmqi's tid1500reader reads every group; the
+KOS references the key images and the SR; every SEG frame holds the label map at its own plane
+position; UIDs are stable; a negative study gets an SR saying 0, no SEG and no KOS.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 
+from core.detect.detector import DetectorConfig
 from core.dicom.reader import load_gre
 from core.findings import StudyFindings
 from core.report import codes
 from core.report.demo import findings_from_truth
 from core.report.keyimages import BAND_PX, PANEL_PX, QSM_WINDOW_PPM, write_key_images
+from core.report.keyobjects import write_kos
 from core.report.seg import segment_numbers, write_seg
 from core.report.sr import write_sr
-from tests.conftest import dciodvfy_errors, require_tool
+from tests.conftest import REPO, dciodvfy_errors, require_tool
 from training.sim.dicom_writer import write_study
 from training.sim.phantom import simulate_subject
 
 VERSION = "0.1.0"
+PARAMETERS = DetectorConfig.from_json(
+    json.loads((REPO / "models" / "detector.json").read_text())).algorithm_parameters()
 
 # one 4 mm simulation (about 10-20 s on 2 shared cores) feeds every test of the module
 pytestmark = [pytest.mark.slow, pytest.mark.dicom_tools]
@@ -45,11 +56,13 @@ def case(tmp_path_factory):
     for name in ("classic", "enhanced"):
         gre = load_gre(root / name)
         findings = findings_from_truth(study, gre.study_instance_uid, VERSION)
+        findings.parameters = PARAMETERS  # what CMBDetector.detect attaches
         d = root / f"out_{name}"
         seg = write_seg(findings, gre, d, VERSION)
         sr = write_sr(findings, gre, d, VERSION, seg_path=seg)
         keys = write_key_images(findings, gre, study.chi_ppm, d, VERSION)
-        out[name] = dict(gre=gre, findings=findings, seg=seg, sr=sr, keys=keys)
+        kos = write_kos(findings, gre, d, VERSION, keys, sr)
+        out[name] = dict(gre=gre, findings=findings, seg=seg, sr=sr, keys=keys, kos=kos)
     return out
 
 
@@ -62,7 +75,7 @@ def test_fixture_has_microbleeds_and_a_mimic(case):
 @pytest.mark.parametrize("name", ["classic", "enhanced"])
 def test_dciodvfy_no_errors(case, name):
     c = case[name]
-    for path in [c["seg"], c["sr"], *c["keys"]]:
+    for path in [c["seg"], c["sr"], *c["keys"], c["kos"]]:
         assert dciodvfy_errors(path) == [], path.name
 
 
@@ -121,8 +134,8 @@ def test_sr_reads_back_with_each_microbleed(case, name):
     sr = hd.sr.srread(c["sr"])
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     groups, report = _groups_by_label(sr)
-    fixed = report.get_planar_roi_measurement_groups()
-    assert fixed == []
+    planar = {g.tracking_identifier: g for g in report.get_planar_roi_measurement_groups()}
+    assert set(planar) == set(groups)  # one image-referenced group per finding (see below)
     findings = c["findings"]
     assert set(groups) == {f"Microbleed {f.index}" for f in findings.microbleeds} | {"Mimic 5 (calcification)"}
     for f in findings.findings:
@@ -229,6 +242,8 @@ def test_negative_study(case, tmp_path):
     assert not (tmp_path / "SEG_CMB.dcm").exists()
     assert write_key_images(empty, gre, case["study"].chi_ppm, tmp_path, VERSION) == []
     path = write_sr(empty, gre, tmp_path, VERSION)
+    assert write_kos(empty, gre, tmp_path, VERSION, [], path) is None
+    assert not (tmp_path / "KO_CMB.dcm").exists()
     assert dciodvfy_errors(path) == []
     report = hd.sr.srread(path).content
     assert report.get_volumetric_roi_measurement_groups() == []
@@ -246,6 +261,8 @@ def test_write_reports_writes_everything(case, tmp_path):
     assert [p.name for p in out["seg"]] == ["SEG_CMB.dcm"]
     assert [p.name for p in out["sr"]] == ["SR_CMB.dcm"]
     assert [p.name for p in out["key_images"]] == [f"KEY_{n:03d}.dcm" for n in range(1, 6)]
+    assert [p.name for p in out["kos"]] == ["KO_CMB.dcm"]
+    assert pydicom.dcmread(out["kos"][0]).SOPInstanceUID == pydicom.dcmread(c["kos"]).SOPInstanceUID
     text = (tmp_path / "cmb_summary.txt").read_text()
     assert text.startswith("Cerebral microbleeds (QSM): 4 (")
     assert "Distribution: mixed." in text  # lobar + deep (external capsule) + brainstem
@@ -266,3 +283,163 @@ def test_microbleeds_only_single_segment_seg(case, tmp_path):
     groups = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(only.microbleeds)
     assert all(g.referenced_segment is not None for g in groups)
+
+
+# ---------------------------------------------------------------- image-referenced groups, KOS
+
+
+def _plane_of(ds: pydicom.Dataset, frame: int | None):
+    """(IPP, IOP, PixelSpacing, echo time ms) of a classic image or of one frame of an Enhanced MR
+    image, read from the file's own attributes (not from our geometry)."""
+    if frame is None:
+        return (np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
+                np.array(ds.PixelSpacing, float), float(ds.EchoTime))
+    fg, shared = ds.PerFrameFunctionalGroupsSequence[frame - 1], ds.SharedFunctionalGroupsSequence[0]
+
+    def grp(kw):
+        return (fg if kw in fg else shared)[kw][0]
+    return (np.array(grp("PlanePositionSequence").ImagePositionPatient, float),
+            np.array(grp("PlaneOrientationSequence").ImageOrientationPatient, float),
+            np.array(grp("PixelMeasuresSequence").PixelSpacing, float),
+            float(grp("MREchoSequence").EffectiveEchoTime))
+
+
+def _first_te_ms(c) -> float:
+    return float(c["gre"].echo_times_s[0]) * 1e3
+
+
+@pytest.mark.parametrize("name", ["classic", "enhanced"])
+def test_planar_circle_on_the_source_image_of_each_finding(case, name):
+    """Each finding has a TID 1410 group with the same tracking label and UID as its 3D group; its
+    SCOORD CIRCLE sits on the first-echo magnitude image of slice round(k), centred at
+    (i + 0.5, j + 0.5), with the finding's radius; mapped through that image's own IPP / IOP /
+    PixelSpacing, the centre lands on the finding's LPS centre (up to the sub-slice offset)."""
+    c = case[name]
+    report = hd.sr.srread(c["sr"]).content
+    vol = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    planar = report.get_planar_roi_measurement_groups()
+    assert len(planar) == len(c["findings"].findings) == 5
+    by_uid = {ds.SOPInstanceUID: ds for ds in c["gre"].source_datasets}
+    g = c["gre"].geometry
+    normal = g.direction[:, 2]
+    for f, grp in zip(c["findings"].microbleeds + c["findings"].mimics, planar):
+        label = grp.tracking_identifier
+        assert label == vol[label].tracking_identifier
+        assert grp.tracking_uid == vol[label].tracking_uid
+        assert label == (f"Microbleed {f.index}" if f.kind == "cmb" else f"Mimic {f.index} (calcification)")
+        region = grp.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
+        img = region.ContentSequence[0].ReferencedSOPSequence[0]
+        uid = img.ReferencedSOPInstanceUID
+        frame = int(img.ReferencedFrameNumber) if "ReferencedFrameNumber" in img else None
+        assert uid in by_uid
+        assert (frame is not None) == (name == "enhanced")
+        ipp, iop, ps, te = _plane_of(by_uid[uid], frame)
+        assert te == pytest.approx(_first_te_ms(c))  # first echo
+        assert img.ReferencedSOPClassUID == by_uid[uid].SOPClassUID
+        # the referenced plane is slice round(k) of the finding
+        k = int(round(f.centre_voxel[2]))
+        k_of_plane = (np.linalg.inv(g.affine) @ np.append(ipp, 1.0))[2]
+        assert k_of_plane == pytest.approx(k, abs=1e-3)
+        # pixel coordinates: centre of voxel (i, j) at (i + 0.5, j + 0.5); radius in column pixels
+        (x, y), (x2, y2) = region.value
+        assert (x, y) == pytest.approx((f.centre_voxel[0] + 0.5, f.centre_voxel[1] + 0.5), abs=1e-4)
+        assert (x2 - x, y2 - y) == pytest.approx((f.diameter_mm / 2 / ps[1], 0.0), abs=1e-4)
+        # PS3.3 C.7.6.2.1.1: P = IPP + row_dir * col_spacing * c + col_dir * row_spacing * r, with
+        # (c, r) the 0-based pixel indices = SCOORD - 0.5
+        p = ipp + iop[:3] * ps[1] * (x - 0.5) + iop[3:] * ps[0] * (y - 0.5)
+        off = np.asarray(f.centre_lps_mm) - p
+        assert np.dot(off, normal) == pytest.approx((f.centre_voxel[2] - k) * g.spacing[2], abs=1e-3)
+        assert np.linalg.norm(off - np.dot(off, normal) * normal) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["classic", "enhanced"])
+def test_image_library_lists_the_referenced_images(case, name):
+    c = case[name]
+    ds = pydicom.dcmread(c["sr"])
+    root = ds.ContentSequence
+    (library,) = [it for it in root if it.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    entries = {(it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+                int(it.ReferencedSOPSequence[0].get("ReferencedFrameNumber", 0) or 0) or None)
+               for grp in library.ContentSequence for it in grp.ContentSequence if it.ValueType == "IMAGE"}
+    refs = set()
+    for grp in hd.sr.srread(c["sr"]).content.get_planar_roi_measurement_groups():
+        img = grp.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        refs.add((img.ReferencedSOPInstanceUID, int(img.ReferencedFrameNumber) if "ReferencedFrameNumber" in img
+                  else None))
+    assert entries == refs and len(refs) == len({int(round(f.centre_voxel[2])) for f in c["findings"].findings})
+
+
+def test_algorithm_identification_in_every_group(case):
+    report = hd.sr.srread(case["classic"]["sr"]).content
+    groups = (report.get_planar_roi_measurement_groups() + report.get_volumetric_roi_measurement_groups()
+              + report.get_image_measurement_groups())
+    assert len(groups) == 11
+    assert any(p.startswith("stage1_threshold=") for p in PARAMETERS)
+    assert any(p.startswith("vnet_sha256=") for p in PARAMETERS)
+    for g in groups:
+        items = {}
+        for it in g[0].ContentSequence:
+            if it.ValueType == "TEXT" and it.ConceptNameCodeSequence[0].CodeValue in ("111001", "111003", "111002"):
+                items.setdefault(it.ConceptNameCodeSequence[0].CodeMeaning, []).append(it.TextValue)
+        assert items["Algorithm Name"] == ["CMB-QSM"]
+        assert items["Algorithm Version"] == [VERSION]
+        assert items["Algorithm Parameters"] == PARAMETERS
+
+
+def _tid1500reader() -> str:
+    exe = shutil.which("tid1500reader") or str(Path(sys.executable).parent / "tid1500reader")
+    if not Path(exe).exists():
+        if __import__("os").environ.get("CI"):
+            pytest.fail("tid1500reader missing: pip install -r requirements-dev.txt (dcmqi)")
+        pytest.skip("tid1500reader (dcmqi) is not installed")
+    return exe
+
+
+@pytest.mark.parametrize("name", ["classic", "enhanced"])
+def test_dcmqi_tid1500reader_reads_every_group(case, name, tmp_path):
+    c = case[name]
+    out = tmp_path / "sr.json"
+    run = subprocess.run([_tid1500reader(), "--inputDICOM", str(c["sr"]), "--outputMetadata", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    meta = json.loads(out.read_text())
+    labels = [m["TrackingIdentifier"] for m in meta["Measurements"]]
+    want = [f"Microbleed {f.index}" if f.kind == "cmb" else f"Mimic {f.index} (calcification)"
+            for f in c["findings"].microbleeds + c["findings"].mimics]
+    assert labels == [x for lab in want for x in (lab, lab)] + [codes.TRACKING_SUMMARY]
+    diam = {m["TrackingIdentifier"]: float(i["value"]) for m in meta["Measurements"]
+            for i in m.get("measurementItems", []) if i["quantity"]["CodeMeaning"] == "Diameter"}
+    for f in c["findings"].findings:
+        lab = want[[x.index for x in c["findings"].microbleeds + c["findings"].mimics].index(f.index)]
+        assert diam[lab] == pytest.approx(f.diameter_mm, abs=0.006)
+    assert all(m["measurementAlgorithmIdentification"]["AlgorithmName"] == "CMB-QSM" for m in meta["Measurements"])
+
+
+@pytest.mark.parametrize("name", ["classic", "enhanced"])
+def test_kos_references_key_images_and_sr(case, name):
+    c = case[name]
+    ds = pydicom.dcmread(c["kos"])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    assert ds.StudyInstanceUID == c["gre"].study_instance_uid
+    sr = pydicom.dcmread(c["sr"])
+    assert ds.SeriesInstanceUID not in {sr.SeriesInstanceUID, pydicom.dcmread(c["keys"][0]).SeriesInstanceUID}
+    title = ds.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113000", "DCM")
+    kos = hd.ko.KeyObjectSelectionDocument.from_dataset(ds)
+    refs = [it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for it in ds.ContentSequence
+            if it.ValueType in ("IMAGE", "COMPOSITE")]
+    want = [pydicom.dcmread(p).SOPInstanceUID for p in c["keys"]] + [sr.SOPInstanceUID]
+    assert refs == want
+    ev = {i.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
+          for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert ev == set(want)
+    assert isinstance(kos, hd.ko.KeyObjectSelectionDocument)
+
+
+def test_dsrdump_renders_the_kos(case):
+    exe = require_tool("dsrdump")
+    run = subprocess.run([exe, str(case["classic"]["kos"])], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "Key Object Selection Document" in run.stdout
+    assert run.stdout.count("IMAGE:") == 5 and run.stdout.count("COMPOSITE:") == 1

@@ -169,7 +169,7 @@ def test_seg_loads_as_one_segmentation(viewer) -> None:
                     "JSON.stringify(g.map(s=>({label:s.label, segments:Object.values(s.segments)"
                     ".filter(Boolean).map(x=>x.label)}))) : null", timeout=90)
     segs = json.loads(segs)
-    kinds = {f["kind"] for f in viewer["findings"]["findings"]}
+    kinds = {f["kind"] for f in viewer["findings"]["microbleeds"] + viewer["findings"]["mimics"]}
     expected = {"Cerebral microbleeds"} | ({"Calcification mimics"} if "calcification" in kinds else set())
     assert len(segs) == 1 and segs[0]["label"].startswith("CMB segmentation")
     assert set(segs[0]["segments"]) == expected or (len(segs[0]["segments"]) == len(expected)
@@ -187,5 +187,5 @@ def test_sr_lists_every_microbleed(viewer) -> None:
     time.sleep(10)
     d.save_screenshot(str(SHOTS / "sr.png"))
     labels = d.execute_script("return window.services.measurementService.getMeasurements().map(m=>m.label)")
-    n = sum(f["kind"] == "cmb" for f in viewer["findings"]["findings"])
+    n = sum(f["kind"] == "cmb" for f in viewer["findings"]["microbleeds"] + viewer["findings"]["mimics"])
     assert n >= 1 and sorted(labels) == sorted(f"Microbleed {i}" for i in range(1, n + 1))

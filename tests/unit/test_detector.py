@@ -157,6 +157,14 @@ def test_random_networks_end_to_end(scene, tmp_path) -> None:
     plain = det.detect(chi, mask, geom, study_instance_uid="1.2.3", algorithm_version="t")
     assert "resnet" not in plain.stages and "resnet_s" not in plain.timings_s  # type: ignore[attr-defined]
     assert plain.stages["thresholds"]["rule"] == "vnet"  # type: ignore[attr-defined]
+    # the operating point the SR's TID 4019 Algorithm Parameters carry
+    params = plain.parameters  # type: ignore[attr-defined]
+    assert params == det.config.algorithm_parameters()
+    assert f"stage1_threshold={det.config.stage1.threshold:g}" in params
+    assert "decision=vnet>=0" in params
+    shas = {p.split("=")[0]: p.split("=")[1] for p in params if "_sha256=" in p}
+    assert shas == {f"{n}_sha256": net["sha256"][:12] for n, net in det.config.networks.items()}
+    assert all(len(v) == 12 for v in shas.values())
     assert json.loads(json.dumps(res.stages_json()))["thresholds"]["vnet"] == 0.0
     assert [f.to_json() for f in plain.findings] == [f.to_json() for f in sf.findings]  # deterministic
     assert json.loads(json.dumps(res.stages_json()))["vnet"][0]["centre_lps_mm"]

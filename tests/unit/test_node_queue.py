@@ -46,7 +46,7 @@ def test_wal_and_full_sync_are_set(tmp_path: Path) -> None:
     q = Queue(tmp_path / "q.sqlite")
     assert q._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert q._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert q._db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert q._db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_full_lifecycle_survives_reopening_at_every_step(tmp_path: Path) -> None:

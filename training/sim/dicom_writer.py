@@ -283,6 +283,9 @@ def _series_dataset(
     ds.MRAcquisitionType = "3D"
     ds.RepetitionTime = _ds_str(acq.repetition_time_s * 1e3)
     ds.EchoTrainLength = len(acq.echo_times_s)
+    # slice locations of the acquisition, as GE and Siemens write it (the node's early start reads
+    # it with EchoTrainLength: deploy/node/completeness.py)
+    ds.ImagesInAcquisition = int(g.shape[2])
     ds.NumberOfAverages = "1"
     ds.ImagingFrequency = _ds_str(GAMMA_BAR_HZ_PER_T * acq.field_strength_t / 1e6, 9)
     ds.ImagedNucleus = "1H"
