@@ -20,8 +20,8 @@ setup: $(VENV)/.installed
 system-deps:
 	@if ! command -v dciodvfy >/dev/null || ! command -v storescu >/dev/null || ! command -v Orthanc >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc dcm2niix >/dev/null) \
-	      || echo "warning: could not apt-get install dicom3tools dcmtk orthanc dcm2niix"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc orthanc-dicomweb dcm2niix chromium chromium-driver >/dev/null) \
+	      || echo "warning: could not apt-get install dicom3tools dcmtk orthanc orthanc-dicomweb dcm2niix chromium chromium-driver"; \
 	  else echo "note: dicom3tools/dcmtk/orthanc missing and not root: tests that need them will be skipped"; fi; \
 	fi
 
