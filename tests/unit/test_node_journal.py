@@ -159,8 +159,8 @@ def test_c_store_response_waits_for_the_journal_sync(tmp_path: Path, monkeypatch
     port = _free_port()
     cfg = parse_config({"ae_title": "CMB_NODE", "port": port, "bind": "127.0.0.1",
                         "spool": str(tmp_path / "spool"), "study_quiet_seconds": 3600,
-                        "min_free_mb": 1, "poll_seconds": 0.5})
-    assert cfg.ingest_journal is True  # the default
+                        "min_free_mb": 1, "poll_seconds": 0.5, "ingest_journal": True})
+    assert cfg.ingest_journal is True
     node = Node(cfg)
     node.start()
     block = BlockingSync()
