@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.dicom.derived import qsm_from_frames
-from core.dicom.reader import PATIENT_KEYWORDS, _build_stacks, _organise, _stack_values
+from core.dicom.reader import _build_stacks, _organise, _patient_and_sources, _stack_values
 from core.dicom.volume import GREVolume
 from core.errors import DicomInputError
 from core.geometry import Geometry
@@ -80,17 +80,7 @@ def load_qsm_dicom(frames: list) -> GREVolume:
     except NiftiInputError as exc:
         raise DicomInputError(str(exc)) from None
     mask = brain_mask(magnitude, geometry.spacing)
-    patient = {}
-    ds0 = fa.dataset
-    if ds0 is not None:
-        for kw in PATIENT_KEYWORDS:
-            value = ds0.get(kw)
-            if value not in (None, ""):
-                patient[kw] = str(value)
-    if first_echo[0].frame_number is None:
-        sources = [f.dataset for f in first_echo]
-    else:
-        sources = list({id(f.dataset): f.dataset for f in first_echo}.values())
+    patient, sources = _patient_and_sources(fa, first_echo)
     notes = [f"precomputed QSM series {q0.series_number} '{q0.series_description}' used; no reconstruction",
              "brain mask from the first-echo magnitude (as the QSM chain makes it)"]
     gre = GREVolume(

@@ -400,6 +400,20 @@ def _stack_values(stack: _Stack) -> np.ndarray:
     return out
 
 
+def _patient_and_sources(first, first_echo: list) -> tuple[dict, list]:
+    """Patient attributes of ``first``'s dataset and the first echo's source datasets, each instance
+    once (a multi-frame instance holds many frames)."""
+    patient = {}
+    if first.dataset is not None:
+        for kw in PATIENT_KEYWORDS:
+            value = first.dataset.get(kw)
+            if value not in (None, ""):
+                patient[kw] = str(value)
+    if first_echo[0].frame_number is None:
+        return patient, [f.dataset for f in first_echo]
+    return patient, list({id(f.dataset): f.dataset for f in first_echo}.values())
+
+
 def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GREVolume:
     a, b = chosen.first, chosen.second
     fa = a.first
@@ -450,17 +464,7 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
         raise DicomInputError(
             f"MagneticFieldStrength and ImagingFrequency are both missing in {a.name}: the field strength is needed"
         )
-    ds0 = fa.dataset
-    patient = {}
-    if ds0 is not None:
-        for kw in PATIENT_KEYWORDS:
-            value = ds0.get(kw)
-            if value not in (None, ""):
-                patient[kw] = str(value)
-    if first_echo[0].frame_number is None:
-        sources = [f.dataset for f in first_echo]
-    else:  # multi-frame: reference the instance(s), once each
-        sources = list({id(f.dataset): f.dataset for f in first_echo}.values())
+    patient, sources = _patient_and_sources(fa, first_echo)
     return GREVolume(
         geometry=geometry,
         magnitude=magnitude,

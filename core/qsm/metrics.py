@@ -73,23 +73,25 @@ def _demeaned_in(a: np.ndarray, m: np.ndarray) -> np.ndarray:
     return v - v.mean()
 
 
-def nrmse(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
-    """QSM-CI demeaned NRMSE in percent inside ``mask``."""
+def _demeaned_pair(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray):
+    """(recon, truth) inside the mask, each minus its own mean there, and the truth's norm (> 0)."""
     m, r, t = _scored(recon, truth, mask)
     rv, tv = _demeaned_in(r, m), _demeaned_in(t, m)
     den = np.linalg.norm(tv)
     if den == 0:
         raise ValueError("truth is constant inside the mask; NRMSE undefined")
+    return rv, tv, den
+
+
+def nrmse(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """QSM-CI demeaned NRMSE in percent inside ``mask``."""
+    rv, tv, den = _demeaned_pair(recon, truth, mask)
     return float(100.0 * np.linalg.norm(rv - tv) / den)
 
 
 def nrmse_detrend(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
     """QSM-CI detrended NRMSE (%): NRMSE after undoing the least-squares line recon = a truth + b."""
-    m, r, t = _scored(recon, truth, mask)
-    rv, tv = _demeaned_in(r, m), _demeaned_in(t, m)
-    den = np.linalg.norm(tv)
-    if den == 0:
-        raise ValueError("truth is constant inside the mask; NRMSE undefined")
+    rv, tv, den = _demeaned_pair(recon, truth, mask)
     slope, intercept = np.polyfit(tv, rv, 1)
     if abs(slope) < 1e-30:
         return float(100.0 * np.linalg.norm(rv - tv) / den)
