@@ -65,6 +65,23 @@ def _frst_on_axes(
 ) -> np.ndarray:
     """FRST of ``volume`` with votes and gradients restricted to ``axes`` (all other axes index
     independent planes/lines). Radii and spacing are in the same physical unit."""
+    return _frst_on_axes_signed(volume, spacing, radii, axes, alpha, beta, mode, (1,))[0]
+
+
+def _frst_on_axes_signed(
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    radii: Sequence[float],
+    axes: Sequence[int],
+    alpha: float,
+    beta: float,
+    mode: Mode,
+    volume_signs: Sequence[int],
+) -> list[np.ndarray]:
+    """:func:`_frst_on_axes` of ``sign * volume`` for each sign in ``volume_signs`` (+1 or -1), in one
+    pass: negating the volume negates its gradient (same magnitudes, same voxels above ``beta``) and
+    so only mirrors every vote offset, so the gradients, the selection and the offsets are computed
+    once. Each result is identical to a separate call on ``sign * volume``."""
     vol = np.asarray(volume, dtype=np.float32)
     shape = vol.shape
     axes = tuple(axes)
@@ -81,43 +98,47 @@ def _frst_on_axes(
     strides = np.array([int(np.prod(shape[a + 1 :])) for a in range(vol.ndim)], dtype=np.int64)
     base = sum(coords[a].astype(np.int64) * strides[a] for a in range(vol.ndim))
     size = vol.size
-    out = np.zeros(shape, dtype=np.float32)
+    outs = [np.zeros(shape, dtype=np.float32) for _ in volume_signs]
+    signs: list[int] = [] if mode == "dark" else [1]
+    if mode in ("dark", "both"):
+        signs.append(-1)
     for n in radii:
         n = float(n)
         offs = [np.rint(n * u / float(spacing[a])).astype(np.int64) for u, a in zip(units, axes)]
         n_vox = float(np.mean([n / float(spacing[a]) for a in axes]))
         k_n = 9.9 if n_vox <= 1.0 else 8.0
-        o_n = np.zeros(size, dtype=np.float64)
-        m_n = np.zeros(size, dtype=np.float64)
-        signs: list[int] = [] if mode == "dark" else [1]
-        if mode in ("dark", "both"):
-            signs.append(-1)
-        for s in signs:
-            valid = np.ones(m.shape, dtype=bool)
-            flat = base.copy()
-            for off, a in zip(offs, axes):
-                c = coords[a] + s * off
-                valid &= (c >= 0) & (c < shape[a])
-                flat += s * off * strides[a]
-            idx = flat[valid]
-            o_n += s * np.bincount(idx, minlength=size)
-            m_n += s * np.bincount(idx, weights=m[valid], minlength=size)
-        # |O~_n| / k_n = min(|O_n|, k_n) / k_n; float32 from here (counts and sums are exact enough).
-        o_abs = np.minimum(np.abs(o_n), k_n).astype(np.float32)
-        o_abs /= np.float32(k_n)
-        o_pow = o_abs * o_abs if alpha == 2 else o_abs ** np.float32(alpha)
-        f_n = m_n.astype(np.float32)
-        f_n /= np.float32(k_n)
-        f_n *= o_pow
-        del o_abs, o_pow, o_n, m_n
         sigma = [0.0] * vol.ndim
         for a in axes:
             sigma[a] = 0.25 * n / float(spacing[a])
-        out += ndimage.gaussian_filter(f_n.reshape(shape), sigma=sigma, mode="constant")
-    out /= max(len(radii), 1)
-    if mode == "dark":
-        out = -out
-    return out.astype(np.float32)
+        for out, vsign in zip(outs, volume_signs):
+            o_n = np.zeros(size, dtype=np.float64)
+            m_n = np.zeros(size, dtype=np.float64)
+            for s in signs:
+                step = s * int(vsign)  # the direction votes go for this volume's gradient
+                valid = np.ones(m.shape, dtype=bool)
+                flat = base.copy()
+                for off, a in zip(offs, axes):
+                    c = coords[a] + step * off
+                    valid &= (c >= 0) & (c < shape[a])
+                    flat += step * off * strides[a]
+                idx = flat[valid]
+                o_n += s * np.bincount(idx, minlength=size)
+                m_n += s * np.bincount(idx, weights=m[valid], minlength=size)
+            # |O~_n| / k_n = min(|O_n|, k_n) / k_n; float32 from here (counts and sums are exact enough).
+            o_abs = np.minimum(np.abs(o_n), k_n).astype(np.float32)
+            o_abs /= np.float32(k_n)
+            o_pow = o_abs * o_abs if alpha == 2 else o_abs ** np.float32(alpha)
+            f_n = m_n.astype(np.float32)
+            f_n /= np.float32(k_n)
+            f_n *= o_pow
+            del o_abs, o_pow, o_n, m_n
+            out += ndimage.gaussian_filter(f_n.reshape(shape), sigma=sigma, mode="constant")
+    for i, out in enumerate(outs):
+        out /= max(len(radii), 1)
+        if mode == "dark":
+            out = -out
+        outs[i] = out.astype(np.float32)
+    return outs
 
 
 def _check(volume: np.ndarray, ndim: int, radii: Sequence[float], mode: str) -> None:

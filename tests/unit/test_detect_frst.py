@@ -112,3 +112,18 @@ def test_both_mode_is_signed_sum_of_bright_and_dark() -> None:
     peak = np.unravel_index(np.argmax(both), both.shape)
     assert peak == np.unravel_index(np.argmax(bright), bright.shape)
     assert both[52, 52] < 0 < both[30, 40]
+
+
+def test_signed_pass_equals_separate_passes_on_the_negated_volume():
+    """Stage I's one-pass paramagnetic + diamagnetic FRST must equal two separate calls exactly."""
+    from core.detect.frst import _frst_on_axes, _frst_on_axes_signed
+    rng = np.random.default_rng(5)
+    vol = rng.normal(size=(18, 20, 16)).astype(np.float32)
+    vol[8:11, 9:12, 7:10] += 4.0  # a bright spot
+    vol[3:5, 3:5, 3:5] -= 4.0  # a dark one
+    sp, radii = (1.0, 0.9, 1.3), (1.0, 2.0, 3.0)
+    for axes in ((0, 1), (1, 2), (0, 1, 2)):
+        for mode in ("bright", "dark", "both"):
+            pos, neg = _frst_on_axes_signed(vol, sp, radii, axes, 2.0, 0.1, mode, (1, -1))
+            assert np.array_equal(pos, _frst_on_axes(vol, sp, radii, axes, 2.0, 0.1, mode))
+            assert np.array_equal(neg, _frst_on_axes(-vol, sp, radii, axes, 2.0, 0.1, mode))
