@@ -18,7 +18,7 @@ from app import __version__
 from operators.cmb_detector import CMBDetectorOperator, resolve_model_dir
 from operators.gre_loader import GREStudyLoaderOperator
 from operators.gre_selector import GRESeriesSelectorOperator
-from operators.mars_localizer import MarsLocalizerOperator
+from operators.mars_localizer import MarsLocalizerOperator, MarsRegistrationOperator
 from operators.qsm_reconstruction import QSMReconstructionOperator
 from operators.qsm_writer import QSMWriterOperator
 from operators.report_writer import CMBReportWriterOperator
@@ -75,15 +75,19 @@ class CMBApp(Application):
         qsm_out = QSMWriterOperator(self, output_folder=out, algorithm_version=version, name="qsm_writer")
         detect = CMBDetectorOperator(self, algorithm_version=det_version, model_dir=cfg.model_dir,
                                      device=cfg.device, name="detect")
+        register = MarsRegistrationOperator(self, name="mars_registration")
         mars = MarsLocalizerOperator(self, name="mars")
         reports = CMBReportWriterOperator(self, output_folder=out, algorithm_version=det_version, name="reports")
         summary = StudySummaryWriterOperator(self, output_folder=out, input_copies=cfg.input_copies, name="summary")
 
         self.add_flow(load, select, {("datasets", "datasets")})
         self.add_flow(select, qsm, {("gre", "gre")})
-        self.add_flow(qsm, qsm_out, {("gre", "gre"), ("qsm", "qsm")})
+        # the atlas registration starts (background thread) before the QSM series is written
+        self.add_flow(qsm, register, {("gre", "gre"), ("qsm", "qsm")})
+        self.add_flow(register, qsm_out, {("gre", "gre"), ("qsm", "qsm")})
+        self.add_flow(register, mars, {("registration", "registration")})
         self.add_flow(qsm_out, detect, {("gre", "gre"), ("qsm", "qsm")})
-        self.add_flow(detect, mars, {("gre", "gre"), ("qsm", "qsm"), ("findings", "findings")})
+        self.add_flow(detect, mars, {("findings", "findings")})
         self.add_flow(detect, reports, {("gre", "gre"), ("qsm", "qsm")})
         self.add_flow(mars, reports, {("findings", "findings")})
         self.add_flow(detect, summary, {("gre", "gre"), ("qsm", "qsm")})
