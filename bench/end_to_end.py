@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,7 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
         else:
             report.update({"results_in_orthanc": [],
                            "measured_to": "job 'done' (the app wrote no DICOM result yet)"})
+        report.update(app_steps(work / "node" / "spool" / "jobs"))
         report["app_output_files"] = sorted(
             str(p.relative_to(work / "node" / "spool" / "jobs"))
             for p in (work / "node" / "spool" / "jobs").rglob("output/*") if p.is_file())
@@ -154,6 +156,29 @@ def run_end_to_end(study_dir: Path, work: Path, quiet: float = 2.0,
         if node is not None:
             stop(node)
         stop(orthanc)
+
+
+STEP_LINE = re.compile(r"^\[\d+/\d+\] (.+?)\s+([\d.]+) s$")
+
+
+def app_steps(jobs: Path) -> dict[str, Any]:
+    """The app's own step seconds (its ``[n/N] step  x s`` progress lines in the job's app.log) and
+    the QSM / detection sub-steps of its summary.json, for the last attempt of the last job."""
+    out: dict[str, Any] = {}
+    logs = sorted(jobs.glob("*/attempt-*/app.log"))
+    if logs:
+        steps = {}
+        for line in logs[-1].read_text(errors="replace").splitlines():
+            m = STEP_LINE.match(line.strip())
+            if m:
+                steps[m.group(1).strip()] = float(m.group(2))
+        out["app_steps_s"] = steps
+        summary = logs[-1].parent / "output" / "summary.json"
+        if summary.is_file():
+            d = json.loads(summary.read_text())
+            out["qsm_steps_s"] = d.get("qsm", {}).get("seconds", {})
+            out["detection_steps_s"] = d.get("detection", {}).get("seconds", {})
+    return out
 
 
 def _commit(repo: Path) -> str:

@@ -176,7 +176,8 @@ def _filter_matrix(n: int, sigma: float, order: int, truncate: float) -> np.ndar
                                      truncate=truncate)
 
 
-def frangi_fields(crops: np.ndarray, sigmas_vox: Sequence[float], bright: bool = True) -> np.ndarray:
+def frangi_fields(crops: np.ndarray, sigmas_vox: Sequence[float], bright: bool = True,
+                  at: np.ndarray | None = None) -> np.ndarray:
     """Frangi vesselness of each of ``crops`` ``[n, a, b, c]`` (isotropic voxels, sigmas in voxels),
     the same numbers as ``skimage.filters.frangi(crop, sigmas, black_ridges=not bright,
     mode="reflect")`` on every crop (0.26: Hessian by two successive Gaussian first derivatives of
@@ -186,6 +187,11 @@ def frangi_fields(crops: np.ndarray, sigmas_vox: Sequence[float], bright: bool =
     Written by hand because skimage filters one image at a time and, for sigmas below one voxel,
     with kernels 100 sigma long: on a 13^3 crop each separable pass is a small matrix product
     instead (:func:`_filter_matrix`), and one call handles every candidate.
+
+    ``at`` ``[n, 3]`` (one voxel index per crop): return only the vesselness at those voxels
+    (``[n]``), the same numbers as indexing the full fields. The Hessian is still filtered over
+    the whole crop (gamma needs the first sigma's largest Hessian norm over it), but the
+    eigenvalues and the vesselness of the later sigmas are computed at those voxels only.
     """
     x = np.asarray(crops, dtype=np.float64)
     if x.ndim != 4:
@@ -193,7 +199,11 @@ def frangi_fields(crops: np.ndarray, sigmas_vox: Sequence[float], bright: bool =
     if bright:  # skimage works on black ridges
         x = -x
     n_crops, shape = x.shape[0], x.shape[1:]
-    out = np.zeros(x.shape, dtype=np.float64)
+    pick = None
+    if at is not None:
+        at = np.asarray(at, dtype=np.int64).reshape(n_crops, 3)
+        pick = (np.arange(n_crops), at[:, 0], at[:, 1], at[:, 2])
+    out = np.zeros(x.shape if pick is None else (n_crops,), dtype=np.float64)
     gamma = None
     for sigma in sigmas_vox:
         truncate = 8 if sigma > 1 else 100
@@ -215,17 +225,26 @@ def frangi_fields(crops: np.ndarray, sigmas_vox: Sequence[float], bright: bool =
         for (d0, d1), h in hess.items():
             mat[..., d0, d1] = h
             mat[..., d1, d0] = h
-        eig = np.linalg.eigvalsh(mat)
-        eig = np.take_along_axis(eig, np.argsort(np.abs(eig), axis=-1), axis=-1)
+        if pick is None or gamma is None:
+            eig = np.linalg.eigvalsh(mat)
+            eig = np.take_along_axis(eig, np.argsort(np.abs(eig), axis=-1), axis=-1)
+            if gamma is None:
+                s = np.sqrt((eig ** 2).sum(-1))
+                gamma = s.reshape(n_crops, -1).max(axis=1) / 2.0
+                gamma = np.where(gamma == 0, 1.0, gamma).reshape((-1, 1, 1, 1))
+            if pick is not None:
+                eig = eig[pick]
+        else:
+            eig = np.linalg.eigvalsh(mat[pick])
+            eig = np.take_along_axis(eig, np.argsort(np.abs(eig), axis=-1), axis=-1)
+        if pick is not None and gamma.ndim > 1:
+            gamma = gamma.reshape(-1)
         lambda1 = eig[..., 0]
         lambda2 = np.maximum(eig[..., 1], 1e-10)
         lambda3 = np.maximum(eig[..., 2], 1e-10)
         r_a = lambda2 / lambda3
         r_b = np.abs(lambda1) / np.sqrt(lambda2 * lambda3)
         s = np.sqrt((eig ** 2).sum(-1))
-        if gamma is None:
-            gamma = s.reshape(n_crops, -1).max(axis=1) / 2.0
-            gamma = np.where(gamma == 0, 1.0, gamma).reshape((-1, 1, 1, 1))
         with np.errstate(over="ignore", under="ignore"):
             vals = (1.0 - np.exp(-(r_a ** 2) / (2 * 0.5 ** 2))) * np.exp(-(r_b ** 2) / (2 * 0.5 ** 2)) \
                 * (1.0 - np.exp(-(s ** 2) / (2 * gamma ** 2)))
@@ -267,12 +286,13 @@ def frangi_at_voxels(
         crops = np.stack([v[boxes[m]] for m in members])
         if resample:
             crops = np.stack([ndimage.zoom(c, zoom, order=1) for c in crops])
+        local = np.array([[int(ci) - s.start for ci, s in zip(vox[m], boxes[m])] for m in members])
+        if not resample:  # read at the candidate only (same numbers, a third of the eigenvalues)
+            out[members] = frangi_fields(crops, sig, bright=is_bright, at=local)
+            continue
         fields = frangi_fields(crops, sig, bright=is_bright)
-        for f, m in zip(fields, members):
-            if resample:
-                f = _zoom_back(f, shape)
-            local = tuple(int(ci) - s.start for ci, s in zip(vox[m], boxes[m]))
-            out[m] = float(f[local])
+        for f, m, loc in zip(fields, members, local):
+            out[m] = float(_zoom_back(f, shape)[tuple(loc)])
     return out
 
 

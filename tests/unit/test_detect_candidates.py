@@ -131,3 +131,15 @@ def test_frangi_at_voxels_equals_skimage_per_crop(spacing):
         ref.append(v[tuple(int(ci) - s.start for ci, s in zip(c, sl))])
     assert np.allclose(fast, ref, atol=1e-6, rtol=1e-5)
     assert fast[0] > 0.1  # the bright tube
+
+
+def test_frangi_fields_at_voxels_equals_the_full_fields_read_there():
+    from core.detect.candidates import frangi_fields
+    rng = np.random.default_rng(11)
+    crops = rng.normal(size=(9, 11, 13, 12))
+    at = np.stack([rng.integers(0, n, size=9) for n in crops.shape[1:]], axis=1)
+    for bright in (True, False):
+        full = frangi_fields(crops, (0.5, 1.0, 1.5), bright=bright)
+        got = frangi_fields(crops, (0.5, 1.0, 1.5), bright=bright, at=at)
+        assert got.shape == (9,)
+        assert np.array_equal(got, full[np.arange(9), at[:, 0], at[:, 1], at[:, 2]])
