@@ -59,8 +59,12 @@ def run_predict(cohort: Path, out: Path, threads: int, cluster: str | None) -> d
     for rec in sorted(out.glob("*/detection.json")):
         subject_s.append(float(json.loads(rec.read_text()).get("seconds", {}).get("total", 0.0)))
     return {"mode": cluster or "sequential (in process)", "wall_s": round(wall, 2),
-            "subjects_done": len(subject_s), "load_before": round(load0, 2),
-            "load_after": round(os.getloadavg()[0], 2)}
+            "subjects_done": len(subject_s),
+            # the subjects' own seconds (detection.json): wall minus these / workers is start-up
+            # (process, cluster, imports, detector loading) and scheduling
+            "subject_seconds": [round(x, 2) for x in subject_s],
+            "subject_seconds_sum": round(sum(subject_s), 2),
+            "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
 def same_outputs(a: Path, b: Path) -> bool:
