@@ -14,7 +14,11 @@ Conventions (used everywhere in the product):
   planes are orthogonal grids; an acquisition with gantry tilt is refused by the loader).
 * B0 points along +z of the scanner, which for a head-first supine patient is LPS +z (superior). Its
   direction in the array frame, :meth:`Geometry.b0_direction_ijk`, is what the dipole kernel needs
-  for oblique slices.
+  for oblique slices. DICOM's patient frame follows the PatientPosition the operator entered, so the
+  bore axis is the patient's head-foot axis for every head-first / feet-first position (supine,
+  prone, decubitus): B0 stays along LPS z (feet-first reverses its sign, which the dipole kernel,
+  quadratic in B0, does not see). Only the left-, right-, anterior- and posterior-first positions
+  put another patient axis along the bore (:func:`b0_direction_for_position`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,32 @@ from typing import Sequence
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# PatientPosition (PS3.3 C.7.3.1.1.2) -> the LPS direction of the body part that enters the bore
+# first, i.e. where B0 points (HF: superior, FF: inferior, LF: left, RF: right, AF: anterior, PF: posterior)
+_FIRST_PART_LPS = {"HF": (0.0, 0.0, 1.0), "FF": (0.0, 0.0, -1.0), "LF": (1.0, 0.0, 0.0),
+                   "RF": (-1.0, 0.0, 0.0), "AF": (0.0, -1.0, 0.0), "PF": (0.0, 1.0, 0.0)}
+_POSITION_TERMS = {"HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS",
+                   "LFP", "LFS", "RFP", "RFS", "AFDR", "AFDL", "PFDR", "PFDL"}
+
+
+def b0_direction_for_position(patient_position: str | None) -> tuple[tuple[float, float, float], str | None]:
+    """The LPS direction of B0 for a DICOM PatientPosition, and a note when it is not HFS.
+
+    Missing or unknown values are read as head first (the note says so): every brain protocol on a
+    closed-bore scanner is head first or feet first, and both give the same dipole kernel.
+    """
+    pp = (patient_position or "").strip().upper()
+    if pp not in _POSITION_TERMS:
+        note = (f"PatientPosition {pp!r} is not a DICOM defined term: B0 taken along the head-foot axis"
+                if pp else None)
+        return _FIRST_PART_LPS["HF"], note
+    direction = _FIRST_PART_LPS[pp[:2]]
+    if pp == "HFS":
+        return direction, None
+    axis = {"HF": "head-foot", "FF": "head-foot", "LF": "left-right", "RF": "left-right",
+            "AF": "anterior-posterior", "PF": "anterior-posterior"}[pp[:2]]
+    return direction, f"PatientPosition {pp}: B0 along the patient's {axis} axis"
 
 
 @dataclass(frozen=True)

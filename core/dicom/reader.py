@@ -48,7 +48,7 @@ from core.dicom.frames import Frame
 from core.dicom.phase_scaling import phase_to_radians, wrap
 from core.dicom.volume import GREVolume
 from core.errors import DicomInputError
-from core.geometry import Geometry
+from core.geometry import Geometry, b0_direction_for_position
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +459,12 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
         ).snapped()  # float noise of the decimal strings removed, as for NIfTI (core.geometry.snap_affine)
     except ValueError as exc:
         raise DicomInputError(f"cannot build the image grid of {a.name}: {exc}") from exc
+    position = fa.dataset.get("PatientPosition") if fa.dataset is not None else None
+    b0_lps, position_note = b0_direction_for_position(str(position) if position else None)
+    if position_note:
+        notes.append(position_note)
+    if b0_lps != geometry.b0_direction_lps:
+        geometry = Geometry(geometry.shape, geometry.affine, geometry.frame_of_reference_uid, b0_lps)
     b0 = next((f.field_strength_t for f in a.frames if f.field_strength_t), None)
     if b0 is None:
         raise DicomInputError(

@@ -289,3 +289,29 @@ def test_echo_numbers_on_some_images_only(tmp_path):
     np.testing.assert_allclose(vol.echo_times_s, TES[:2])
     assert np.abs(wrapped_diff(vol.phase_rad, study.phase_rad)).max() < 1e-3
     assert any("EchoNumbers missing" in n for n in vol.notes)
+
+
+@pytest.mark.parametrize("position, b0_lps, axis", [
+    ("HFS", (0.0, 0.0, 1.0), None),
+    ("FFS", (0.0, 0.0, -1.0), "head-foot"),
+    ("HFDL", (0.0, 0.0, 1.0), "head-foot"),
+    ("LFS", (1.0, 0.0, 0.0), "left-right"),
+    ("AFDR", (0.0, -1.0, 0.0), "anterior-posterior"),
+    ("XYZ", (0.0, 0.0, 1.0), "not a DICOM defined term"),
+])
+def test_patient_position_sets_the_b0_direction(tmp_path, position, b0_lps, axis):
+    study = make_study(2)
+    for p in write_study(study, tmp_path, "siemens"):
+        ds = pydicom.dcmread(p)
+        ds.PatientPosition = position
+        ds.save_as(p)
+    vol = load_gre(tmp_path)
+    assert vol.geometry.b0_direction_lps == b0_lps
+    assert (axis is None) == (not any("PatientPosition" in n for n in vol.notes))
+    if axis:
+        assert any(axis in n for n in vol.notes)
+    # head first and feet first give the same dipole kernel direction up to sign
+    if position in ("HFS", "FFS", "HFDL"):
+        b = vol.geometry.b0_direction_ijk()
+        ref = study.geometry.b0_direction_ijk()
+        np.testing.assert_allclose(np.abs(b @ ref), 1.0, atol=1e-6)
