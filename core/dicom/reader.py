@@ -285,6 +285,13 @@ def _compare(a: _Stack, b: _Stack) -> tuple[int, str | None]:
     for s in (a, b):
         if s.error:
             return 4, s.error
+    if _is_phase_difference(a, b):
+        if a.n_slices != b.n_slices:
+            return 7, f"missing slice: {a.name} has {a.n_slices} slices per echo, {b.name} has {b.n_slices}"
+        shift = float(np.max(np.linalg.norm(a.positions() - b.positions(), axis=1)))
+        if shift > _POS_TOL_MM:
+            return 8, f"slice positions differ by up to {shift:.3g} mm between {a.name} and {b.name}"
+        return len(_STAGES), None
     if len(a.echoes) != len(b.echoes):
         return 5, f"echo count differs: {a.name} has {len(a.echoes)} echoes, {b.name} has {len(b.echoes)}"
     ta = np.array([e.te_ms for e in a.echoes])
@@ -299,6 +306,30 @@ def _compare(a: _Stack, b: _Stack) -> tuple[int, str | None]:
     return len(_STAGES), None
 
 
+def _is_phase_difference(a: _Stack, b: _Stack) -> bool:
+    """A Siemens-style double-echo field map: ``a`` magnitude with two echoes, ``b`` one phase image
+    per slice at the second echo time, holding phi(TE2) - phi(TE1) (gre_field_mapping; dcm2niix
+    names it ``_phasediff``, BIDS EchoTime1/EchoTime2)."""
+    return (a.component == "M" and b.component == "P" and len(a.echoes) == 2 and len(b.echoes) == 1
+            and abs(b.echoes[0].te_ms - a.echoes[1].te_ms) <= _TE_TOL_MS
+            and abs(b.echoes[0].te_ms - a.echoes[0].te_ms) > _TE_TOL_MS)
+
+
+def _field_map_in_hz(frames: list[Frame]) -> str | None:
+    """What a direct field map (the scanner's estimate in Hz, GE B0map / Philips B0 FIELD_MAP) in
+    ``frames`` is, named for the refusal; None if there is none."""
+    for f in frames:
+        label = f"series {f.series_number} '{f.series_description}'"
+        if "FIELD_MAP" in f.image_type or "FIELDMAPHZ" in f.image_type:
+            return f"{f.manufacturer or 'a'} direct B0 field map in Hz ({label})"
+        ds = f.dataset
+        if ds is not None and "GE" in f.manufacturer.upper():
+            seq = ds.get((0x0019, 0x109C))
+            if seq is not None and "B0" in str(seq.value).upper():
+                return f"GE B0 field map (magnitude + field in Hz, pulse sequence {str(seq.value).strip()!r}, {label})"
+    return None
+
+
 @dataclass
 class _Candidate:
     first: _Stack  # magnitude or real
@@ -310,6 +341,10 @@ class _Candidate:
     def complex_pair(self) -> bool:
         return self.first.component == "R"
 
+    @property
+    def phase_difference(self) -> bool:
+        return _is_phase_difference(self.first, self.second)
+
     def rank(self) -> tuple:
         fa, fb = self.first.first, self.second.first
         same_series = fa.series_instance_uid == fb.series_instance_uid
@@ -317,7 +352,7 @@ class _Candidate:
         same_acquisition = fa.acquisition_key == fb.acquisition_key
         size = len(self.first.echoes) * self.first.n_slices
         return (
-            self.stage, size, not self.complex_pair, same_series, same_acquisition, -gap,
+            self.stage, not self.phase_difference, size, not self.complex_pair, same_series, same_acquisition, -gap,
             -(fa.series_number or 0),
         )
 
@@ -347,6 +382,12 @@ def select_gre(frames: list[Frame], *, phase_flip: bool = False) -> GREVolume:
     stacks = _build_stacks(typed)
     by_comp = {c: [s for s in stacks if s.component == c] for c in "MPRI"}
     if not by_comp["P"] and not (by_comp["R"] and by_comp["I"]):
+        hz_map = _field_map_in_hz(frames)
+        if hz_map:
+            raise DicomInputError(
+                f"the input is a {hz_map}, not GRE phase: a field map already in Hz is not accepted "
+                f"as a QSM source; send the multi-echo GRE (or SWI) magnitude and phase series"
+            )
         if by_comp["M"] or by_comp["R"] or by_comp["I"]:
             names = "; ".join(s.name for s in stacks[:3]) + (f"; and {len(stacks) - 3} more" if len(stacks) > 3 else "")
             raise DicomInputError(
@@ -425,6 +466,8 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
         notes.append("magnitude computed from real and imaginary images; source images are the real images")
     else:
         magnitude = _stack_values(a).astype(np.float32)
+        if chosen.phase_difference:
+            magnitude = magnitude[:1]  # the first echo's: brighter, and the source images referenced
         values = _stack_values(b)
         types = {f.rescale_type for f in b.frames}
         pairs = {(float(f.rescale_slope), float(f.rescale_intercept)) for f in b.frames}
@@ -471,11 +514,19 @@ def _build_volume(chosen: _Candidate, phase_flip: bool, notes: list[str]) -> GRE
             f"MagneticFieldStrength and ImagingFrequency are both missing in {a.name}: the field strength is needed"
         )
     patient, sources = _patient_and_sources(fa, first_echo)
+    echo_times_ms = [e.te_ms for e in a.echoes]
+    if chosen.phase_difference:
+        te1, te2 = echo_times_ms
+        echo_times_ms = [te2 - te1]
+        notes.append(
+            f"phase-difference field map: {b.name} holds phi(TE2) - phi(TE1) (TE {te1:g} and {te2:g} ms); "
+            f"used as one echo of delta-TE {te2 - te1:g} ms (no phase offset), magnitude of TE {te1:g} ms; "
+            f"a field map's short delta-TE gives a noisy susceptibility map")
     return GREVolume(
         geometry=geometry,
         magnitude=magnitude,
         phase_rad=phase,
-        echo_times_s=np.array([e.te_ms * 1e-3 for e in a.echoes], dtype=np.float64),
+        echo_times_s=np.array([t * 1e-3 for t in echo_times_ms], dtype=np.float64),
         field_strength_t=float(b0),
         manufacturer=fa.manufacturer,
         phase_scaling=scaling,

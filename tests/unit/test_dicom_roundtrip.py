@@ -11,6 +11,7 @@ import pydicom
 import pytest
 
 from core.dicom.reader import load_gre, scan_folder, select_gre, frames_from_dataset, load_datasets
+from core.errors import DicomInputError
 from core.geometry import Geometry
 from training.sim.dicom_writer import common_attributes, deterministic_uid, write_study
 from training.sim.study import Acquisition, SimulatedStudy
@@ -315,3 +316,62 @@ def test_patient_position_sets_the_b0_direction(tmp_path, position, b0_lps, axis
         b = vol.geometry.b0_direction_ijk()
         ref = study.geometry.b0_direction_ijk()
         np.testing.assert_allclose(np.abs(b @ ref), 1.0, atol=1e-6)
+
+
+def _drop_phase_of_echo(paths, echo_time_ms):
+    """Delete the phase images of one echo (what a Siemens gre_field_mapping series lacks)."""
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        if "P" in ds.ImageType and abs(float(ds.EchoTime) - echo_time_ms) < 1e-3:
+            Path(p).unlink()
+
+
+def test_siemens_phase_difference_field_map_is_read_as_one_echo_of_delta_te(tmp_path):
+    """Siemens gre_field_mapping: magnitude at TE1 and TE2, one phase image per slice at TE2 holding
+    phi(TE2) - phi(TE1) (dcm_qa_fmap series 2+3 and 5+4 have this form)."""
+    study = make_study(2)
+    paths = write_study(study, tmp_path, "siemens")  # phase of echo 2 stands for the difference
+    _drop_phase_of_echo(paths, TES[0] * 1e3)
+    vol = load_gre(tmp_path)
+    np.testing.assert_allclose(vol.echo_times_s, [TES[1] - TES[0]])
+    assert vol.magnitude.shape == (1,) + SHAPE
+    assert np.corrcoef(vol.magnitude[0].ravel(), study.magnitude[0].ravel())[0, 1] > 0.999  # echo 1's
+    assert np.abs(wrapped_diff(vol.phase_rad[0], study.phase_rad[1])).max() < 1e-3
+    assert any("phase-difference field map" in n for n in vol.notes)
+
+
+def test_full_gre_is_preferred_to_a_phase_difference_map_in_the_same_study(tmp_path):
+    study = make_study(3)
+    write_study(study, tmp_path / "gre", "siemens")
+    fmap = make_study(2, seed=8)
+    paths = write_study(fmap, tmp_path / "fmap", "siemens", patient=None)
+    _drop_phase_of_echo(paths, TES[0] * 1e3)
+    gre_study = pydicom.dcmread(next((tmp_path / "gre").rglob("*.dcm")), stop_before_pixels=True)
+    for p in (p for p in paths if Path(p).exists()):  # another series of the GRE's study
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID = gre_study.StudyInstanceUID
+        ds.FrameOfReferenceUID = gre_study.FrameOfReferenceUID
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"
+        ds.SeriesNumber = int(ds.SeriesNumber) + 100
+        ds.save_as(p)
+    vol = load_gre(tmp_path)
+    np.testing.assert_allclose(vol.echo_times_s, TES)
+
+
+@pytest.mark.parametrize("vendor", ["ge", "philips"])
+def test_direct_field_map_in_hz_is_refused_naming_what_it_is(tmp_path, vendor):
+    study = make_study(1)
+    for p in write_study(study, tmp_path, vendor):
+        ds = pydicom.dcmread(p)
+        if frames_from_dataset(ds)[0].component not in ("M", "R"):  # our GE writes real/imaginary
+            Path(p).unlink()  # one component remains, marked below as the field map's series
+            continue
+        if vendor == "ge":
+            block = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+            block.add_new(0x9C, "LO", "B0map")
+        else:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "T1", "FIELD_MAP"]
+        ds.save_as(p)
+    with pytest.raises(DicomInputError, match="field map") as err:
+        load_gre(tmp_path)
+    assert "Hz" in str(err.value) and "not accepted as a QSM source" in str(err.value)
