@@ -23,7 +23,7 @@ from pydicom.sr.codedict import codes
 
 from core.dicom.volume import GREVolume
 from core.findings import StudyFindings
-from core.report.seg import MANUFACTURER
+from core.report.seg import MANUFACTURER, drop_empty_copied_sequences
 from core.report.sr import DEVICE_NAME
 from core.uids import derived_uid, result_instance_uid, result_series_uid
 
@@ -62,6 +62,7 @@ def build_kos(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
         evidence=[*key_images, sr], content=content, series_instance_uid=series_uid,
         series_number=SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1, manufacturer=MANUFACTURER)
     kos.SeriesDescription = f"CMB key objects (CMB-QSM {algorithm_version})"
+    drop_empty_copied_sequences(kos)
     return kos
 
 

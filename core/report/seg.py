@@ -159,6 +159,7 @@ def build_seg(findings: StudyFindings, gre: GREVolume, algorithm_version: str) -
         **spatial,
     )
     _declare_private_scheme(seg, findings)
+    drop_empty_copied_sequences(seg)
     return seg
 
 
@@ -184,3 +185,23 @@ def write_seg(findings: StudyFindings, gre: GREVolume, out_dir: Path, algorithm_
     path = out_dir / "SEG_CMB.dcm"
     seg.save_as(path)
     return path
+
+
+#: Type 3 sequences of the Patient and General Study modules that highdicom copies from the first
+#: evidence instance: a scanner may send them with no item (a real Philips Achieva classic MR has
+#: an empty ProcedureCodeSequence), which is invalid once copied (Type 3 sequences hold 1-n items)
+COPIED_TYPE3_SEQUENCES = (
+    "ProcedureCodeSequence", "ReferencedStudySequence", "PhysiciansOfRecordIdentificationSequence",
+    "PhysiciansReadingStudyIdentificationSequence", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianIdentificationSequence", "RequestingServiceCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence", "OtherPatientIDsSequence",
+    "IssuerOfPatientIDQualifiersSequence", "ReferencedPatientSequence", "ReferencedPatientPhotoSequence",
+    "AdmittingDiagnosesCodeSequence",
+)
+
+
+def drop_empty_copied_sequences(ds) -> None:
+    """Remove the :data:`COPIED_TYPE3_SEQUENCES` that are present with zero items."""
+    for kw in COPIED_TYPE3_SEQUENCES:
+        if kw in ds and ds[kw].VR == "SQ" and len(ds[kw].value) == 0:
+            del ds[kw]

@@ -57,7 +57,7 @@ from core.dicom.volume import GREVolume
 from core.findings import Finding, StudyFindings
 from core.mars import MARS_REGIONS
 from core.report import codes
-from core.report.seg import MANUFACTURER, _frame_slices, segment_numbers
+from core.report.seg import MANUFACTURER, _frame_slices, drop_empty_copied_sequences, segment_numbers
 from core.uids import derived_uid, result_instance_uid, result_series_uid
 
 SR_KIND = "SR CMB"
@@ -352,7 +352,9 @@ def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
         content_date=now.date(), content_time=now.time())
     sr.SoftwareVersions = str(algorithm_version)
     sr.CodingSchemeIdentificationSequence = DicomSequence([codes.private_scheme_item()])
+    drop_empty_copied_sequences(sr)
     return sr
+
 
 
 def write_sr(findings: StudyFindings, gre: GREVolume, out_dir: Path, algorithm_version: str,

@@ -443,3 +443,22 @@ def test_dsrdump_renders_the_kos(case):
     assert run.returncode == 0, run.stderr
     assert "Key Object Selection Document" in run.stdout
     assert run.stdout.count("IMAGE:") == 5 and run.stdout.count("COMPOSITE:") == 1
+
+
+def test_empty_type3_sequences_of_the_source_are_not_copied(case, tmp_path):
+    """A real Philips Achieva classic MR (dcm_qa_philips_enh series 2001) carries an empty
+    ProcedureCodeSequence; highdicom copied it into the SR, which dciodvfy rejects."""
+    import copy
+    c = case["classic"]
+    gre = copy.copy(c["gre"])
+    gre.source_datasets = [copy.deepcopy(ds) for ds in c["gre"].source_datasets]
+    for ds in gre.source_datasets:
+        ds.ProcedureCodeSequence = pydicom.Sequence([])
+        ds.ReferencedStudySequence = pydicom.Sequence([])
+    seg = write_seg(c["findings"], gre, tmp_path, VERSION)
+    sr = write_sr(c["findings"], gre, tmp_path, VERSION, seg_path=seg)
+    keys = write_key_images(c["findings"], gre, case["study"].chi_ppm, tmp_path, VERSION)
+    kos = write_kos(c["findings"], gre, tmp_path, VERSION, keys, sr)
+    for path in [seg, sr, *keys, kos]:
+        assert dciodvfy_errors(path) == [], path.name
+        assert "ProcedureCodeSequence" not in pydicom.dcmread(path, stop_before_pixels=True)
