@@ -92,6 +92,21 @@ def _int_or_none(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
+def truncated_pixel_data(ds: pydicom.Dataset) -> str | None:
+    """"N of M bytes" when the native (uncompressed) PixelData of ``ds`` is shorter than its
+    Rows x Columns x SamplesPerPixel x BitsAllocated x NumberOfFrames say, else None."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None or getattr(ts, "is_compressed", True) or "PixelData" not in ds:
+        return None
+    try:
+        bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        expected = (bits * int(ds.get("NumberOfFrames", 1) or 1) + 7) // 8
+    except (AttributeError, TypeError, ValueError):
+        return None
+    got = len(ds.PixelData)
+    return f"{got} of {expected} bytes" if got < expected else None
+
+
 def frames_from_classic(ds: pydicom.Dataset) -> list[Frame]:
     """The single :class:`Frame` of a classic MR image (empty list if it has no image plane).
 
@@ -114,6 +129,9 @@ def frames_from_classic(ds: pydicom.Dataset) -> list[Frame]:
     acq_number = ds.get("AcquisitionNumber")
 
     def pixels(ds: pydicom.Dataset = ds) -> np.ndarray:
+        short = truncated_pixel_data(ds)
+        if short:
+            raise DicomInputError(f"truncated pixel data in instance {ds.get('SOPInstanceUID', '?')}: {short}")
         try:
             return ds.pixel_array
         except Exception as exc:  # pydicom raises several types for undecodable pixel data

@@ -42,6 +42,7 @@ from typing import Callable
 import numpy as np
 import pydicom
 
+from core.dicom.classic import truncated_pixel_data
 from core.dicom.frames import Frame
 from core.errors import DicomInputError
 
@@ -305,6 +306,9 @@ def _pixel_loader(
                     source = pydicom.dcmread(filename)
                 except Exception as exc:  # noqa: BLE001 - any read failure is an input problem
                     raise DicomInputError(f"{name}: cannot re-read pixel data from {filename}: {exc}") from exc
+            short = truncated_pixel_data(source)
+            if short:
+                raise DicomInputError(f"{name}: truncated pixel data ({short})")
             try:
                 arr = source.pixel_array
             except Exception as exc:  # noqa: BLE001 - decoder errors come in many types

@@ -84,7 +84,9 @@ def scan_folder(folder: Path) -> DicomScan:
 
     A file is DICOM when pydicom reads it with its preamble and ``DICM`` prefix. DICOMDIR files are
     skipped (the images they index are read directly). Files are visited in sorted path order so a
-    run is reproducible.
+    run is reproducible. A file that has the preamble and prefix but cannot be read (cut short in
+    its header, or corrupt) raises :class:`DicomInputError` naming it: skipping it would surface
+    later as a misleading "missing slice".
     """
     folder = Path(folder)
     if not folder.exists():
@@ -95,16 +97,41 @@ def scan_folder(folder: Path) -> DicomScan:
     for path in paths:
         try:
             ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError):
+        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            if _has_dicom_prefix(path):
+                size = path.stat().st_size
+                raise DicomInputError(
+                    f"truncated or corrupt DICOM file {path} ({size} bytes): "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'cannot be read'}") from exc
             skipped.append(str(path))
             continue
-        if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+        media_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+        if media_class == DICOMDIR_SOP_CLASS:
             skipped.append(str(path))
             continue
+        if media_class in _MR_IMAGE_CLASSES and ("PixelData" not in ds or "SOPInstanceUID" not in ds):
+            # pydicom stops quietly at the end of a file cut between two elements
+            raise DicomInputError(
+                f"truncated or corrupt DICOM file {path} ({path.stat().st_size} bytes): an MR image "
+                f"without {'PixelData' if 'PixelData' not in ds else 'SOPInstanceUID'}")
         datasets.append(ds)
     if skipped:
         log.info("skipped %d non-DICOM file(s) under %s", len(skipped), folder)
     return DicomScan(datasets, len(paths), len(skipped), skipped[:5])
+
+
+#: MR Image, Enhanced MR Image, Legacy Converted Enhanced MR Image Storage
+_MR_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"}
+
+
+def _has_dicom_prefix(path: Path) -> bool:
+    """True when ``path`` starts with a 128-byte preamble and ``DICM`` (PS3.10 7.1)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def load_datasets(folder: Path) -> list[pydicom.Dataset]:

@@ -256,3 +256,21 @@ def test_two_studies_are_refused(tmp_path):
     write_study(make_study(1, subject_id="a"), tmp_path / "a", "siemens")
     write_study(make_study(1, subject_id="b"), tmp_path / "b", "siemens")
     _refusal(tmp_path, "from 2 studies")
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+@pytest.mark.parametrize("cut, match", [
+    ("header", r"truncated or corrupt DICOM file .* bytes"),
+    ("pixels", r"truncated pixel data .*of \d+ bytes"),
+])
+def test_truncated_file_gets_its_own_error(tmp_path, enhanced, cut, match):
+    """A file cut short (a copy interrupted, a full disk) is named as truncated, not reported as a
+    missing slice or an undecodable image."""
+    paths = sorted(write_study(make_study(2), tmp_path, "siemens", enhanced=enhanced))
+    victim = paths[min(5, len(paths) - 1)]
+    size = victim.stat().st_size
+    with open(victim, "r+b") as fh:
+        fh.truncate(400 if cut == "header" else size - 300)
+    with pytest.raises(DicomInputError, match=match) as err:
+        load_gre(tmp_path)
+    assert "missing slice" not in str(err.value)
