@@ -82,7 +82,7 @@ class Node:
         cfg = self.cfg
         self.spool = Spool(cfg.spool, int(cfg.min_free_mb * 1024 * 1024),
                            journal=cfg.ingest_journal)
-        removed = self.spool.clean_tmp()
+        removed = self.spool.partial_writes_removed + self.spool.clean_tmp()
         self.queue = Queue(self.spool.db_path)
         recovered = self.queue.recover(cfg.app.max_attempts, self.clock())
         orphans = [job for job, _, pid, attempt in recovered

@@ -153,8 +153,10 @@ class Spool:
         self.journal: Journal | None = None
         #: files rewritten from the journal at start-up (power cut before a checkpoint)
         self.replayed = 0
+        #: partial writes removed here at start-up (before the replay), for the recovery log
+        self.partial_writes_removed = 0
         if journal:
-            self.clean_tmp()
+            self.partial_writes_removed = self.clean_tmp()
             self.replayed = Journal.replay(self)
             self.journal = Journal(self, segment_bytes)
 
@@ -324,6 +326,7 @@ class Journal:
         self._synced = 0
         self._syncing = False
         self._closed = False
+        self._active = 0  # appends in progress (close waits for them)
         self.syncs = 0
         self.checkpoints = 0
         self._full: list[_Segment | None] = []
@@ -350,43 +353,56 @@ class Journal:
         with self._cond:
             if self._closed:
                 raise OSError(errno.ESHUTDOWN, "the spool journal is closed")
-            seg = self._seg
-            if seg.offset + need > seg.size:
-                while self._syncing:  # the leader's fdatasync uses the old segment's fd
-                    self._cond.wait()
-                os.fdatasync(seg.fd)  # every record written so far is now durable
-                self._synced = self._written
-                self._full.append(seg)
-                self._cond.notify_all()
-                seg = self._seg = self._new_segment(need)
-            header = _REC.pack(_MAGIC, seg.id, len(rel), len(data), _crc(seg.id, rel, data))
-            written = os.pwritev(seg.fd, [header, rel, data], seg.offset)
-            if written != need:
-                raise OSError(errno.EIO, f"short journal write ({written} of {need} bytes)")
-            seg.offset += need
-            seg.pending += 1
-            self._written += 1
-            ticket = self._written
+            self._active += 1
             try:
-                while self._synced < ticket:
-                    if self._syncing:
-                        self._cond.wait()
-                        continue
-                    self._syncing = True
-                    target, fd = self._written, self._seg.fd
-                    self._cond.release()
-                    try:
-                        os.fdatasync(fd)
-                    finally:
-                        self._cond.acquire()
-                        self._syncing = False
-                        self._cond.notify_all()
-                    self.syncs += 1
-                    self._synced = max(self._synced, target)
-            except BaseException:
-                seg.pending -= 1
+                return self._append_locked(rel, data, need)
+            finally:
+                self._active -= 1
                 self._cond.notify_all()
-                raise
+
+    def _append_locked(self, rel: bytes, data: bytes, need: int) -> _Segment:
+        while True:
+            seg = self._seg  # read again after every wait: another writer may have rotated
+            if seg.offset + need <= seg.size:
+                break
+            if self._syncing:  # the leader's fdatasync uses the current segment's fd
+                self._cond.wait()
+                continue
+            # The new segment first: if it cannot be made (disk full) the full one stays current
+            # and is not handed to the checkpointer (which closes its fd).
+            new = self._new_segment(need)
+            os.fdatasync(seg.fd)  # every record written so far is now durable
+            self._synced = self._written
+            self._full.append(seg)
+            self._seg = new
+            self._cond.notify_all()
+        header = _REC.pack(_MAGIC, seg.id, len(rel), len(data), _crc(seg.id, rel, data))
+        written = os.pwritev(seg.fd, [header, rel, data], seg.offset)
+        if written != need:
+            raise OSError(errno.EIO, f"short journal write ({written} of {need} bytes)")
+        seg.offset += need
+        seg.pending += 1
+        self._written += 1
+        ticket = self._written
+        try:
+            while self._synced < ticket:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                target, fd = self._written, self._seg.fd
+                self._cond.release()
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self.syncs += 1
+                self._synced = max(self._synced, target)
+        except BaseException:
+            seg.pending -= 1
+            raise
         return seg
 
     def materialised(self, seg: _Segment, path: Path | None) -> None:
@@ -413,6 +429,7 @@ class Journal:
                 pass  # the segment stays; the next start replays it
 
     def _checkpoint(self, seg: _Segment) -> None:
+        os.close(seg.fd)  # no writer left: each append returned only after its record's sync
         folders = set()
         for f in seg.files:
             try:
@@ -422,7 +439,6 @@ class Journal:
             folders.add(f.parent)
         for d in folders:
             fsync_dir(d)
-        os.close(seg.fd)
         seg.path.unlink()
         fsync_dir(self.dir)
         self.checkpoints += 1
@@ -433,7 +449,7 @@ class Journal:
             if self._closed:
                 return
             self._closed = True
-            while self._syncing:
+            while self._syncing or self._active:
                 self._cond.wait()
             self._full.extend([self._seg, None])
             self._cond.notify_all()
