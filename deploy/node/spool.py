@@ -24,7 +24,8 @@ A file is durable when :func:`durable_write` returns. Two ways, chosen per spool
   files of a full segment and their folders and only then deletes the segment. At start-up,
   :meth:`Journal.replay` rewrites (durably, the first way) every file of a remaining segment
   that is missing or differs from its record, so a power cut loses nothing that was
-  acknowledged; a torn record at a segment's tail was never acknowledged and is ignored.
+  acknowledged; a torn record at a segment's tail was never acknowledged and is ignored. The
+  replay runs at every start, also with the journal turned off since.
 
 The journal is written by hand: it is a plain write-ahead log (length + CRC-32 records, one
 fdatasync per group); no library in the project's stack offers a durable append log of files.
@@ -155,9 +156,12 @@ class Spool:
         self.replayed = 0
         #: partial writes removed here at start-up (before the replay), for the recovery log
         self.partial_writes_removed = 0
-        if journal:
+        # A journal left by an earlier run is replayed even when the journal is now off: after a
+        # power cut its segments hold acknowledged instances whose files were never fsynced.
+        if journal or (self.root / "journal").is_dir():
             self.partial_writes_removed = self.clean_tmp()
             self.replayed = Journal.replay(self)
+        if journal:
             self.journal = Journal(self, segment_bytes)
 
     def close(self) -> None:
@@ -372,6 +376,7 @@ class Journal:
             # and is not handed to the checkpointer (which closes its fd).
             new = self._new_segment(need)
             os.fdatasync(seg.fd)  # every record written so far is now durable
+            self.syncs += 1
             self._synced = self._written
             self._full.append(seg)
             self._seg = new
@@ -404,6 +409,11 @@ class Journal:
             seg.pending -= 1
             raise
         return seg
+
+    @property
+    def records_written(self) -> int:
+        """Records appended since start (``records_written / syncs``: instances per fdatasync)."""
+        return self._written
 
     def materialised(self, seg: _Segment, path: Path | None) -> None:
         """The file of a record appended to ``seg`` was written (``None``: writing it failed)."""

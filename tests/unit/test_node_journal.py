@@ -251,3 +251,23 @@ def test_disk_full_when_rotating_answers_out_of_space_and_keeps_the_segment(tmp_
     assert sp2.replayed == 1 and first.read_bytes() == b"a" * 2000
     assert _path(sp2, "1.2.3.4.3").read_bytes() == b"c" * 2000
     sp2.close()
+
+
+def test_a_start_with_the_journal_turned_off_still_replays_what_it_left(tmp_path: Path) -> None:
+    """Power cut with ingest_journal on, restart with it off: the leftover segment is replayed
+    anyway (the acknowledged files are only there), and no new journal is opened."""
+    root = tmp_path / "spool"
+    sp = Spool(root, journal=True)
+    data = {f"1.2.3.4.{k}": os.urandom(2000 + k) for k in range(4)}
+    for sop, d in data.items():
+        sp.durable_write(_path(sp, sop), d)
+    _power_cut(sp)
+    _path(sp, "1.2.3.4.0").unlink()
+    _path(sp, "1.2.3.4.3").write_bytes(b"")
+    (root / "tmp" / "x.part").write_bytes(b"half")
+    sp2 = Spool(root, journal=False)
+    assert sp2.journal is None and sp2.replayed == 2 and sp2.partial_writes_removed == 1
+    assert {s: _path(sp2, s).read_bytes() for s in data} == data
+    assert list((root / "journal").glob("seg-*.log")) == []
+    sp2.durable_write(_path(sp2, "1.2.3.4.9"), b"no journal")  # fsync per instance from here
+    assert list((root / "journal").glob("seg-*.log")) == []
