@@ -25,16 +25,17 @@ hand: no library measures exactly these sequences.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,20 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         res = measure(Path(tmp), args.n, args.size, args.groups)
         st = os.statvfs(tmp)
-    report = {
+    write_result(args.out, {
         "what": "per-operation wall time of the durability steps on this disk (ms)",
         "dir_filesystem_block": st.f_bsize,
         "results": res,
-        "load_average_at_end": os.getloadavg(),
         "seconds": round(time.time() - t0, 1),
-        "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                 "platform": platform.platform()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    }, command=["python", "-m", "bench.fsync", *(argv if argv is not None else sys.argv[1:])])
     return 0
 
 
