@@ -47,7 +47,8 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def summary(ms: list[float]) -> dict[str, float]:
-    return {"n": len(ms), "p50_ms": round(_pct(ms, 50), 3), "p90_ms": round(_pct(ms, 90), 3),
+    return {"n": len(ms), "min_ms": round(min(ms), 3), "p10_ms": round(_pct(ms, 10), 3),
+            "p50_ms": round(_pct(ms, 50), 3), "p90_ms": round(_pct(ms, 90), 3),
             "p99_ms": round(_pct(ms, 99), 3), "mean_ms": round(statistics.fmean(ms), 3),
             "max_ms": round(max(ms), 3)}
 
