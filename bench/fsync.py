@@ -15,8 +15,10 @@ under bench/results/../, i.e. the checkout's disk):
   the cost of a group commit of k instances (divide by k for the per-instance share);
 * ``sqlite_commit_full`` / ``sqlite_commit_normal``: one INSERT + COMMIT of a ~300-byte row in a
   WAL database with ``synchronous=FULL`` (WAL fsynced at commit) and ``NORMAL`` (not fsynced);
-* ``fdatasync_append_<size>``: append ``size`` bytes to one preallocated log file and fdatasync
-  (what a single append-only segment log would pay per group).
+* ``fdatasync_append_<size>``: append ``size`` bytes to one preallocated (``posix_fallocate``)
+  log file and fdatasync (what the spool journal pays per group); ``..._zeroed_`` the same on a
+  file whose blocks were written with zeros first, ``..._growing_`` on a file that each append
+  extends: if the three agree, the cost is the disk's flush, not ext4 metadata.
 
 Percentiles are over wall-clock per operation (time.perf_counter), in milliseconds. Written by
 hand: no library measures exactly these sequences.
@@ -106,18 +108,24 @@ def measure(root: Path, n: int, sizes: list[int], groups: list[int]) -> dict[str
                     os.replace(tmp / nm, final / nm)
                 _fsync_dir(final)
             res[f"group_{k}x{size}"] = summary(timed(max(10, n // k), group))
-        log = root / f"segment_{size}.log"
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o640)
-        try:
-            os.posix_fallocate(fd, 0, size * (n + 1))
-            os.fsync(fd)
+        for prep, key in (("fallocate", f"fdatasync_append_{size}"),
+                          ("zeroed", f"fdatasync_append_zeroed_{size}"),
+                          ("growing", f"fdatasync_append_growing_{size}")):
+            log = root / f"segment_{prep}_{size}.log"
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o640)
+            try:
+                if prep == "fallocate":  # what the journal does (unwritten extents)
+                    os.posix_fallocate(fd, 0, size * (n + 1))
+                elif prep == "zeroed":  # blocks written once: no extent conversion at all
+                    os.pwrite(fd, bytes(size * (n + 1)), 0)
+                os.fsync(fd)  # "growing": each append extends the file (size metadata)
 
-            def append(i: int) -> None:
-                os.pwrite(fd, data, i * size)
-                os.fdatasync(fd)
-            res[f"fdatasync_append_{size}"] = summary(timed(n, append))
-        finally:
-            os.close(fd)
+                def append(i: int, fd: int = fd) -> None:
+                    os.pwrite(fd, data, i * size)
+                    os.fdatasync(fd)
+                res[key] = summary(timed(n, append))
+            finally:
+                os.close(fd)
 
     def rename_dir(i: int) -> None:
         os.replace(tmp / f"w{sizes[0]}_{i}", final / f"r{i}")
