@@ -18,8 +18,9 @@ A file is durable when :func:`durable_write` returns. Two ways, chosen per spool
   cut the file is either there whole or not there at all (two fsyncs per instance);
 * with a journal (:class:`Journal`, the node's default, ``ingest_journal``): the path and bytes
   are appended as one checksummed record to a preallocated segment file under ``journal/`` and
-  the segment is fdatasynced - one sync per *group* of concurrent writers (group commit), and on
-  a preallocated file fdatasync writes no inode metadata. Only then is the file written to tmp
+  the segment is fdatasynced - one sync per *group* of concurrent writers (group commit); the
+  file is preallocated, so the sync never has to record a new file size (ext4 still marks the
+  preallocated blocks written as they fill). Only then is the file written to tmp
   and renamed into place (visible whole, not yet fsynced). A background checkpoint fsyncs the
   files of a full segment and their folders and only then deletes the segment. At start-up,
   :meth:`Journal.replay` rewrites (durably, the first way) every file of a remaining segment
