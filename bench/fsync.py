@@ -15,8 +15,10 @@ under bench/results/../, i.e. the checkout's disk):
   the cost of a group commit of k instances (divide by k for the per-instance share);
 * ``sqlite_commit_full`` / ``sqlite_commit_normal``: one INSERT + COMMIT of a ~300-byte row in a
   WAL database with ``synchronous=FULL`` (WAL fsynced at commit) and ``NORMAL`` (not fsynced);
-* ``fdatasync_append_<size>``: append ``size`` bytes to one preallocated log file and fdatasync
-  (what a single append-only segment log would pay per group).
+* ``fdatasync_append_<size>``: append ``size`` bytes to one preallocated (``posix_fallocate``)
+  log file and fdatasync (what the spool journal pays per group); ``..._zeroed_`` the same on a
+  file whose blocks were written with zeros first, ``..._growing_`` on a file that each append
+  extends: if the three agree, the cost is the disk's flush, not ext4 metadata.
 
 Percentiles are over wall-clock per operation (time.perf_counter), in milliseconds. Written by
 hand: no library measures exactly these sequences.
@@ -25,16 +27,17 @@ hand: no library measures exactly these sequences.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +49,8 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def summary(ms: list[float]) -> dict[str, float]:
-    return {"n": len(ms), "p50_ms": round(_pct(ms, 50), 3), "p90_ms": round(_pct(ms, 90), 3),
+    return {"n": len(ms), "min_ms": round(min(ms), 3), "p10_ms": round(_pct(ms, 10), 3),
+            "p50_ms": round(_pct(ms, 50), 3), "p90_ms": round(_pct(ms, 90), 3),
             "p99_ms": round(_pct(ms, 99), 3), "mean_ms": round(statistics.fmean(ms), 3),
             "max_ms": round(max(ms), 3)}
 
@@ -104,18 +108,24 @@ def measure(root: Path, n: int, sizes: list[int], groups: list[int]) -> dict[str
                     os.replace(tmp / nm, final / nm)
                 _fsync_dir(final)
             res[f"group_{k}x{size}"] = summary(timed(max(10, n // k), group))
-        log = root / f"segment_{size}.log"
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o640)
-        try:
-            os.posix_fallocate(fd, 0, size * (n + 1))
-            os.fsync(fd)
+        for prep, key in (("fallocate", f"fdatasync_append_{size}"),
+                          ("zeroed", f"fdatasync_append_zeroed_{size}"),
+                          ("growing", f"fdatasync_append_growing_{size}")):
+            log = root / f"segment_{prep}_{size}.log"
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o640)
+            try:
+                if prep == "fallocate":  # what the journal does (unwritten extents)
+                    os.posix_fallocate(fd, 0, size * (n + 1))
+                elif prep == "zeroed":  # blocks written once: no extent conversion at all
+                    os.pwrite(fd, bytes(size * (n + 1)), 0)
+                os.fsync(fd)  # "growing": each append extends the file (size metadata)
 
-            def append(i: int) -> None:
-                os.pwrite(fd, data, i * size)
-                os.fdatasync(fd)
-            res[f"fdatasync_append_{size}"] = summary(timed(n, append))
-        finally:
-            os.close(fd)
+                def append(i: int, fd: int = fd) -> None:
+                    os.pwrite(fd, data, i * size)
+                    os.fdatasync(fd)
+                res[key] = summary(timed(n, append))
+            finally:
+                os.close(fd)
 
     def rename_dir(i: int) -> None:
         os.replace(tmp / f"w{sizes[0]}_{i}", final / f"r{i}")
@@ -154,20 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         res = measure(Path(tmp), args.n, args.size, args.groups)
         st = os.statvfs(tmp)
-    report = {
+    write_result(args.out, {
         "what": "per-operation wall time of the durability steps on this disk (ms)",
         "dir_filesystem_block": st.f_bsize,
         "results": res,
-        "load_average_at_end": os.getloadavg(),
         "seconds": round(time.time() - t0, 1),
-        "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                 "platform": platform.platform()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    }, command=["python", "-m", "bench.fsync", *(argv if argv is not None else sys.argv[1:])])
     return 0
 
 

@@ -1,18 +1,40 @@
-"""Ingest benchmark: the same simulated study pushed with DCMTK storescu to our node, to DCMTK
-storescp and to Orthanc, one after the other, on loopback. Reports instances per second and the
-node's rate as a fraction of each peer's.
+"""Ingest benchmark: the same simulated study pushed with DCMTK storescu, in one run, to DCMTK
+storescp, to a do-nothing pynetdicom SCP, to the node with ``ingest_journal: false`` and to the
+node with ``ingest_journal: true`` (and to Orthanc with ``--with-orthanc``), on loopback, with the
+fsync latency percentiles of the same disk. Reports instances per second and each receiver's rate
+as a fraction of storescp's.
 
-    python -m bench.ingest [--study DIR] [--repeats N] [--associations 1 4]
-                           [--out bench/results/ingest.json]
+    python -m bench.ingest [--study DIR] [--repeats N] [--associations 1 4] [--with-orthanc]
+                           [--fsync-n 100] [--out bench/results/ingest.json]
+    python -m bench.ingest --rederive bench/results/ingest.json   # argument block only
 
 Without ``--study`` it simulates one subject (``training.simulate --voxel-mm 2 2 1.5``: 4 echoes,
 magnitude + phase, 936 classic MR files of ~25 KiB). Each ``--associations`` value is one round:
 N storescu processes in parallel, each sending every N-th file (1 = a scanner's single
-association; several = what lets the node share folder fsyncs). ``TCP_NODELAY=1`` is set for the DCMTK
-tools on both ends (without it DCMTK's small writes meet Nagle's algorithm and every tool looks
-slow). What each receiver does with an instance differs: the node fsyncs every file, its folder
-and the queue record before answering Success; storescp writes the file and does not fsync;
-Orthanc writes the file and indexes it in SQLite (its default configuration).
+association; several = what lets the node's journal share one fdatasync between associations).
+In a round, each repeat pushes to every receiver once, in an order rotated between repeats, so
+load changes on this shared machine hit every receiver alike; the best and the median of the
+repeats are reported, and every run's seconds. ``TCP_NODELAY=1`` is set for the DCMTK tools on
+both ends (without it DCMTK's small writes meet Nagle's algorithm and every tool looks slow).
+
+What each receiver does with an instance before it answers Success:
+
+* ``storescp``: ``storescp -od DIR`` writes the file, no fsync (the reference, DCMTK);
+* ``null_pynetdicom``: ``bench/null_scp.py``, pynetdicom with the node's contexts, PDU size and
+  polling tuning, answering 0x0000 without decoding or writing: the ceiling of any pynetdicom
+  receiver on this machine;
+* ``node_fsync``: the node, ``ingest_journal: false``: decode, temp file + fsync, rename, folder
+  fsync (shared between concurrent associations), queue row;
+* ``node_journal``: the node, ``ingest_journal: true``: decode, one journal record appended and
+  fdatasynced (one fdatasync for every association writing at that moment), file written and
+  renamed without fsync (fsynced by the checkpoint later), queue row. The node's ``node_stopped``
+  log line gives records and fdatasyncs, reported as instances per fdatasync;
+* ``orthanc``: Orthanc's default configuration (SQLite index, files on disk).
+
+``fsync``: ``bench.fsync.measure`` on the same disk, in the same run, before the pushes (the
+per-instance durable-write steps, ms percentiles). ``argument`` turns the figures into the time
+budget per instance that half of storescp's rate leaves, against what the null handler alone
+spends and what the fsync path costs.
 """
 
 from __future__ import annotations
@@ -20,18 +42,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench.common import write_result
+from bench.fsync import measure as measure_fsync
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -106,12 +132,23 @@ def stop(proc: subprocess.Popen[Any]) -> None:
         proc.wait()
 
 
-def run_node(files_dir: Path, root: Path) -> tuple[float, int]:
+def _node_events(log: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            if rec.get("event") == name:
+                out.append(rec)
+    return out
+
+
+def run_node(files_dir: Path, root: Path, journal: bool = True) -> tuple[float, int, dict[str, Any]]:
+    """Push to the node (``ingest_journal`` = ``journal``); (seconds, files stored, extra)."""
     port = free_port()
     spool = root / "spool"
     cfg = {"ae_title": "CMB_NODE", "port": port, "bind": "127.0.0.1", "spool": str(spool),
            "allowed_calling_aets": [SCU_AET], "study_quiet_seconds": 3600, "min_free_mb": 1,
-           "workers": 1, "poll_seconds": 0.5,
+           "workers": 1, "poll_seconds": 0.5, "ingest_journal": journal,
            "association": {"fast_polling": NODE_FAST_POLLING}}
     (root / "node.yaml").write_text(yaml.safe_dump(cfg))
     with open(root / "node.log", "wb") as log:
@@ -122,10 +159,18 @@ def run_node(files_dir: Path, root: Path) -> tuple[float, int]:
         dt, _ = push(files_dir, port, "CMB_NODE")
     finally:
         stop(proc)
-    return dt, len(list((spool / "instances").glob("*/*/*.dcm")))
+    extra: dict[str, Any] = {}
+    stopped = _node_events(root / "node.log", "node_stopped")
+    if journal:
+        if not stopped or "journal_syncs" not in stopped[-1]:
+            raise RuntimeError(f"the node did not log its journal figures: {root / 'node.log'}")
+        rec, syncs = stopped[-1]["journal_records"], stopped[-1]["journal_syncs"]
+        extra = {"journal_records": rec, "journal_fdatasyncs": syncs,
+                 "instances_per_fdatasync": round(rec / max(syncs, 1), 2)}
+    return dt, len(list((spool / "instances").glob("*/*/*.dcm"))), extra
 
 
-def run_storescp(files_dir: Path, root: Path) -> tuple[float, int]:
+def run_storescp(files_dir: Path, root: Path) -> tuple[float, int, dict[str, Any]]:
     port = free_port()
     out = root / "storescp"
     out.mkdir()
@@ -136,7 +181,23 @@ def run_storescp(files_dir: Path, root: Path) -> tuple[float, int]:
         dt, _ = push(files_dir, port, "STORESCP")
     finally:
         stop(proc)
-    return dt, sum(1 for p in out.iterdir() if p.is_file())
+    return dt, sum(1 for p in out.iterdir() if p.is_file()), {}
+
+
+def run_null(files_dir: Path, root: Path) -> tuple[float, int | None, dict[str, Any]]:
+    """Push to the do-nothing pynetdicom SCP (bench/null_scp.py); it stores nothing, so there is
+    no count to check (storescu's exit status says every C-STORE got Success)."""
+    port = free_port()
+    with open(root / "null_scp.log", "wb") as log:
+        proc = subprocess.Popen([PY, "-m", "bench.null_scp", "--port", str(port), "--fast-polling",
+                                 "true" if NODE_FAST_POLLING else "false"],
+                                cwd=REPO, stdout=log, stderr=log)
+    try:
+        wait_echo(port, "NULL_SCP")
+        dt, _ = push(files_dir, port, "NULL_SCP")
+    finally:
+        stop(proc)
+    return dt, None, {}
 
 
 def start_orthanc(root: Path) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -159,7 +220,7 @@ def start_orthanc(root: Path) -> tuple[subprocess.Popen[bytes], int, int]:
     return proc, dicom_port, http_port
 
 
-def run_orthanc(files_dir: Path, root: Path) -> tuple[float, int]:
+def run_orthanc(files_dir: Path, root: Path) -> tuple[float, int, dict[str, Any]]:
     proc, dicom_port, http_port = start_orthanc(root / "orthanc")
     try:
         dt, _ = push(files_dir, dicom_port, "ORTHANC")
@@ -167,27 +228,156 @@ def run_orthanc(files_dir: Path, root: Path) -> tuple[float, int]:
             n = int(json.loads(r.read())["CountInstances"])
     finally:
         stop(proc)
-    return dt, n
+    return dt, n, {}
+
+
+RUNNERS: dict[str, Callable[[Path, Path], tuple[float, int | None, dict[str, Any]]]] = {
+    "storescp": run_storescp,
+    "null_pynetdicom": run_null,
+    "node_fsync": lambda d, r: run_node(d, r, journal=False),
+    "node_journal": lambda d, r: run_node(d, r, journal=True),
+    "orthanc": run_orthanc,
+}
+NOTES = {
+    "storescp": "storescp -od DIR: writes the file, no fsync",
+    "null_pynetdicom": "bench/null_scp.py: pynetdicom, node's contexts / PDU / polling tuning, "
+                       "answers 0x0000 and does nothing else (the ceiling of a pynetdicom receiver)",
+    "node_fsync": "node, ingest_journal false: file fsync + rename + folder fsync (folder fsyncs "
+                  "shared between concurrent associations) + queue row, then Success",
+    "node_journal": "node, ingest_journal true: journal record + fdatasync (one per group of "
+                    "concurrent associations) + file renamed unsynced (checkpoint fsyncs it "
+                    "later, replay at start-up restores it) + queue row, then Success",
+    "orthanc": "Orthanc default config (SQLite index, files on disk)",
+}
+
+
+def _round(files_dir: Path, tmpdir: Path, n_assoc: int, names: list[str], repeats: int,
+           n_files: int) -> dict[str, Any]:
+    global ASSOCIATIONS
+    ASSOCIATIONS = max(1, n_assoc)
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    extras: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for i in range(repeats):
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate: spread load drift
+        for name in order:
+            root = tmpdir / f"{name}-{n_assoc}-{i}"
+            root.mkdir()
+            dt, received, extra = RUNNERS[name](files_dir, root)
+            if received is not None and received != n_files:
+                raise RuntimeError(f"{name} stored {received} of {n_files} instances")
+            runs[name].append(dt)
+            extras[name].append(extra)
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"{name}, {n_assoc} association(s), run {i + 1}: {n_files} instances "
+                  f"in {dt:.2f} s = {n_files / dt:.0f}/s", file=sys.stderr, flush=True)
+    results: dict[str, Any] = {}
+    for name in names:
+        rates = [n_files / t for t in runs[name]]
+        results[name] = {"seconds": [round(t, 3) for t in runs[name]],
+                         "instances_per_second_best": round(max(rates), 1),
+                         "instances_per_second_median": round(statistics.median(rates), 1),
+                         "instances_per_second_min": round(min(rates), 1)}
+        if any(extras[name]):
+            results[name]["per_run"] = extras[name]
+    entry: dict[str, Any] = {"receivers": results}
+    if "storescp" in results:
+        ref = results["storescp"]
+        entry["ratio_to_storescp_best"] = {
+            k: round(v["instances_per_second_best"] / ref["instances_per_second_best"], 3)
+            for k, v in results.items() if k != "storescp"}
+        entry["ratio_to_storescp_median"] = {
+            k: round(v["instances_per_second_median"] / ref["instances_per_second_median"], 3)
+            for k, v in results.items() if k != "storescp"}
+    if "null_pynetdicom" in results:
+        ceil = results["null_pynetdicom"]["instances_per_second_best"]
+        entry["ratio_to_null_pynetdicom_best"] = {
+            k: round(results[k]["instances_per_second_best"] / ceil, 3)
+            for k in ("node_fsync", "node_journal") if k in results}
+    return entry
+
+
+def _argument(rounds: dict[str, Any], fsync: dict[str, Any], size: int) -> dict[str, Any]:
+    """Per-instance time budgets, ms, from the best run of each receiver: what half of
+    storescp's rate leaves, what the do-nothing pynetdicom handler alone spends, and (one
+    association) about what any durable pynetdicom receiver must spend: the null handler plus
+    one journal fdatasync (its median) per instance, since C-STORE on one association is one
+    request at a time and nothing can be grouped without acknowledging early. Approximate: the
+    best runs and the median flush come from different moments of a noisy machine."""
+    res = fsync.get("results", {})
+    flush = res.get(f"fdatasync_append_{size}", {}).get("p50_ms")
+    out: dict[str, Any] = {}
+    for key, entry in rounds.items():
+        r = entry["receivers"]
+        if "storescp" not in r:
+            continue
+        n_assoc = int(key.split("_")[0])
+        half = r["storescp"]["instances_per_second_best"] / 2.0
+        budget = 1000.0 / half
+        row: dict[str, Any] = {"half_storescp_instances_per_second": round(half, 1),
+                               "budget_ms_per_instance_at_half_storescp": round(budget, 3)}
+        for name in ("node_fsync", "node_journal"):
+            if name in r:
+                row[f"{name}_ms_per_instance"] = round(1000.0 / r[name]["instances_per_second_best"], 3)
+        if "null_pynetdicom" in r:
+            null_ms = 1000.0 / r["null_pynetdicom"]["instances_per_second_best"]
+            row["null_pynetdicom_ms_per_instance"] = round(null_ms, 3)
+            row["null_pynetdicom_within_budget"] = null_ms <= budget
+            if n_assoc == 1 and flush is not None:
+                bound = null_ms + flush  # approximate: best runs and a median flush
+                row["null_pynetdicom_plus_median_fdatasync_ms"] = round(bound, 3)
+                row["half_storescp_reachable_at_the_median_fdatasync"] = bound <= budget
+        out[key] = row
+    if f"instance_{size}" in res:
+        out["durable_write_p50_ms"] = {
+            "fsync_per_instance (file fsync + rename + folder fsync)": res[f"instance_{size}"]["p50_ms"],
+            "journal_fdatasync_append (one per group)": res[f"fdatasync_append_{size}"]["p50_ms"]}
+        out["durable_write_p99_ms"] = {
+            "fsync_per_instance (file fsync + rename + folder fsync)": res[f"instance_{size}"]["p99_ms"],
+            "journal_fdatasync_append (one per group)": res[f"fdatasync_append_{size}"]["p99_ms"]}
+    return out
+
+
+def rederive(path: Path) -> dict[str, Any]:
+    """Recompute the ``argument`` block of a stored result from its own figures (after a change
+    to :func:`_argument`; no push is repeated) and say so in it."""
+    report = json.loads(Path(path).read_text())
+    size = int(round(report["bytes"] / report["instances"] / 512.0)) * 512
+    report["argument"] = _argument(report["rounds"], report.get("fsync", {}), size)
+    report["argument_rederived"] = {"from_the_figures_above_by": "python -m bench.ingest "
+                                    f"--rederive {path}", "at": time.strftime(
+                                        "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", type=Path, help="folder of DICOM files (default: simulate one)")
-    ap.add_argument("--repeats", type=int, default=2, help="pushes per receiver (best is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="pushes per receiver and round")
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4],
                     help="parallel storescu associations (files split between them); each "
                          "value is one round over all receivers")
     ap.add_argument("--node-fast-polling", choices=["true", "false"], default="true",
-                    help="the node's association.fast_polling (default true)")
-    ap.add_argument("--only", choices=["node", "storescp", "orthanc"], action="append")
+                    help="association.fast_polling of the node and the null SCP (default true)")
+    ap.add_argument("--only", choices=list(RUNNERS), action="append",
+                    help="only these receivers (repeatable); the result is then not written")
+    ap.add_argument("--with-orthanc", action="store_true", help="also push to Orthanc (slow)")
+    ap.add_argument("--fsync-n", type=int, default=100,
+                    help="operations per fsync percentile (0: skip the fsync measurement)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
+    ap.add_argument("--rederive", type=Path, metavar="RESULT",
+                    help="only recompute the 'argument' block of a stored result, push nothing")
     args = ap.parse_args(argv)
+    if args.rederive:
+        print(json.dumps(rederive(args.rederive)["argument"], indent=2))
+        return 0
     global NODE_FAST_POLLING
     NODE_FAST_POLLING = args.node_fast_polling == "true"
-    global ASSOCIATIONS
-    for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
+    names = args.only or [n for n in RUNNERS if n != "orthanc" or args.with_orthanc]
+    tools = ["storescu", "storescp", "echoscu"] + (["Orthanc"] if "orthanc" in names else [])
+    for tool in tools:
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"{tool} is not installed (DCMTK and Orthanc are needed)", file=sys.stderr)
+            print(f"{tool} is not installed (DCMTK, and Orthanc for --with-orthanc)", file=sys.stderr)
             return 2
     with tempfile.TemporaryDirectory(prefix="cmb-ingest-") as tmp:
         tmpdir = Path(tmp)
@@ -195,59 +385,38 @@ def main(argv: list[str] | None = None) -> int:
         files = [p for p in files_dir.rglob("*") if p.is_file()]
         n_files = len(files)
         size = sum(p.stat().st_size for p in files)
-        runners = {"node": run_node, "storescp": run_storescp, "orthanc": run_orthanc}
-        chosen = args.only or list(runners)
+        mean_size = int(round(size / n_files / 512.0)) * 512
+        fsync: dict[str, Any] = {}
+        if args.fsync_n:
+            (tmpdir / "fsync").mkdir()
+            t0 = time.time()
+            fsync = {"what": "bench.fsync.measure on the disk of the spools, before the pushes, "
+                             f"with the study's mean instance size {mean_size} B (ms)",
+                     "n": args.fsync_n,
+                     "results": measure_fsync(tmpdir / "fsync", args.fsync_n, [mean_size], [4]),
+                     "seconds": round(time.time() - t0, 1)}
         rounds: dict[str, Any] = {}
         for n_assoc in args.associations:
-            ASSOCIATIONS = max(1, n_assoc)
-            results: dict[str, Any] = {}
-            for name in chosen:
-                runs = []
-                for i in range(args.repeats):
-                    root = tmpdir / f"{name}-{n_assoc}-{i}"
-                    root.mkdir()
-                    dt, received = runners[name](files_dir, root)
-                    if received != n_files:
-                        raise RuntimeError(f"{name} stored {received} of {n_files} instances")
-                    runs.append(dt)
-                    print(f"{name}, {n_assoc} association(s), run {i + 1}: {n_files} instances "
-                          f"in {dt:.2f} s = {n_files / dt:.0f}/s", file=sys.stderr)
-                best = min(runs)
-                results[name] = {"seconds": [round(r, 3) for r in runs],
-                                 "best_seconds": round(best, 3),
-                                 "instances_per_second": round(n_files / best, 1)}
-            entry: dict[str, Any] = {"receivers": results}
-            if "node" in results:
-                node_rate = results["node"]["instances_per_second"]
-                entry["ratios"] = {f"node_over_{k}": round(node_rate / v["instances_per_second"], 3)
-                                   for k, v in results.items() if k != "node"}
-            rounds[f"{ASSOCIATIONS}_association" + ("s" if ASSOCIATIONS > 1 else "")] = entry
+            key = f"{max(1, n_assoc)}_association" + ("s" if n_assoc > 1 else "")
+            rounds[key] = _round(files_dir, tmpdir, n_assoc, names, args.repeats, n_files)
     report: dict[str, Any] = {
         "simulated": args.study is None,
         "study": ("training.simulate --subjects 1 --seed 1 --voxel-mm 2 2 1.5"
                   if args.study is None else str(args.study)),
         "instances": n_files, "bytes": size,
         "sender": ("storescu -pdu 131072, TCP_NODELAY=1 (storescu and storescp), loopback; "
-                   "N associations = N storescu processes "
-                   "in parallel, each sending every N-th file; best of the repeats"),
+                   "N associations = N storescu processes in parallel, each sending every N-th "
+                   "file; each repeat pushes to every receiver once, order rotated"),
         "repeats": args.repeats,
         "node_config": {"association.maximum_pdu_size": 0,
                         "association.fast_polling": NODE_FAST_POLLING},
-        "load_average_at_end": os.getloadavg(),
         "rounds": rounds,
-        "notes": {"node": "fsyncs the file and its folder (folder fsyncs shared between "
-                          "concurrent associations), commits the queue row (no WAL fsync: the "
-                          "file is the durable record), then answers Success",
-                  "storescp": "storescp -od DIR, no fsync",
-                  "orthanc": "Orthanc default config (SQLite index, files on disk)"},
-        "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                 "platform": platform.platform()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fsync": fsync,
+        "argument": _argument(rounds, fsync, mean_size),
+        "notes": {n: NOTES[n] for n in names},
     }
-    print(json.dumps(report, indent=2))
-    if args.out and not args.only:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    command = ["python", "-m", "bench.ingest", *(argv if argv is not None else sys.argv[1:])]
+    write_result(None if args.only else args.out, report, command=command)
     return 0
 
 

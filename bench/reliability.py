@@ -2,6 +2,7 @@
 that were lost. The figure a PACS administrator asks for first: "kill cycles run, instances lost".
 
     python -m bench.reliability [--cycles 10] [--seed 0] [--study DIR] [--with-app]
+                                [--ingest-journal true|false] [--power-cut]
                                 [--out bench/results/reliability.json]
 
 Each cycle, on a fresh spool:
@@ -13,7 +14,10 @@ Each cycle, on a fresh spool:
    output: every ``Received Store Response (Success|Warning)`` after ``Sending file: X`` is an
    instance the node acknowledged;
 3. a seeded random delay after the first acknowledgement, ``kill -9`` the node (if storescu had
-   already finished, the kill lands after the push: the cycle is counted as not mid-push);
+   already finished, the kill lands after the push: the cycle is counted as not mid-push); with
+   ``--power-cut`` (journal on), every instance file the journal still holds is then deleted,
+   emptied or cut short (``harness.simulate_power_cut_loss``: what a power cut may take with the
+   page cache), and the restart must replay exactly those;
 4. restart the node on the same spool (it removes partial writes and reconciles) and check that
    every acknowledged SOP Instance UID is in the spool at ``instances/<study>/<series>/<sop>.dcm``,
    readable by pydicom, with a data set byte-identical to the source file's (the node stores the
@@ -57,7 +61,7 @@ import yaml
 
 from bench.ingest import dcmtk_env, free_port
 from bench.ingest import simulate_study as _simulate_study
-from deploy.node.harness import NodeProcess, wait_for
+from deploy.node.harness import NodeProcess, simulate_power_cut_loss, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_AET = "CMB_NODE"
@@ -112,13 +116,16 @@ def load_sources(study_dir: Path) -> list[SourceInstance]:
 class Node(NodeProcess):
     """The node as a subprocess on a loopback port with its own spool (the config is written once)."""
 
-    def __init__(self, root: Path, with_app: bool) -> None:
+    def __init__(self, root: Path, with_app: bool, ingest_journal: bool | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         port, spool = free_port(), root / "spool"
         cfg = yaml.safe_load((REPO / "deploy" / "node.example.yaml").read_text())
         cfg.update({"port": port, "bind": "127.0.0.1", "spool": str(spool),
                     "allowed_calling_aets": [SCU_AET], "destinations": [],
                     "study_quiet_seconds": 1.0, "min_free_mb": 1, "poll_seconds": 0.1})
+        if ingest_journal is not None:
+            cfg["ingest_journal"] = ingest_journal
+        self.ingest_journal = bool(cfg.get("ingest_journal", True))
         if not with_app:
             cfg["app"] = dict(cfg["app"], command=["true", "{input}", "{output}"],
                               require_dicom_results=False)
@@ -185,6 +192,8 @@ class Cycle:
     jobs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    power_cut_files_lost: int = 0  # journalled files deleted/emptied/cut (simulated power cut)
+    journal_files_rewritten: int = 0
 
 
 def _check_spool(node: Node, sources: list[SourceInstance], want: set[str]) -> tuple[list[str], int, int]:
@@ -230,14 +239,15 @@ def _gone(pid: int) -> bool:
 
 
 def run_cycle(i: int, sources: list[SourceInstance], root: Path, rng: random.Random,
-              kill_delay_s: tuple[float, float], with_app: bool, kill_app: bool) -> Cycle:
+              kill_delay_s: tuple[float, float], with_app: bool, kill_app: bool,
+              ingest_journal: bool | None = None, power_cut: bool = False) -> Cycle:
     """One kill cycle on a fresh spool under ``root``; see the module docstring."""
     t0 = time.monotonic()
     files = [s.path for s in sources]
     sop_of = {str(s.path): s.sop for s in sources}
     study = sources[0].study
     delay = rng.uniform(*kill_delay_s)
-    node = Node(root, with_app)
+    node = Node(root, with_app, ingest_journal)
     node.start()
     try:
         push = Push(node.port, files)
@@ -252,9 +262,13 @@ def run_cycle(i: int, sources: list[SourceInstance], root: Path, rng: random.Ran
         notes = [] if mid_push else ["storescu finished before the kill"]
         if mid_push and rc == 0:
             notes.append("storescu exited 0 although the node was killed")
+        damaged = simulate_power_cut_loss(node.spool) if power_cut and node.ingest_journal else 0
 
         node.start()
         recovered = node.events("node_recovered")[-1]
+        if int(recovered.get("journal_files_rewritten", 0)) != damaged:
+            notes.append(f"replay rewrote {recovered.get('journal_files_rewritten')} files, "
+                         f"{damaged} were lost or damaged")
         lost, altered, not_queued = _check_spool(node, sources, acked)
 
         again = Push(node.port, files)
@@ -298,19 +312,23 @@ def run_cycle(i: int, sources: list[SourceInstance], root: Path, rng: random.Ran
                      int(recovered.get("instances_registered", 0)), _duplicates(node), complete,
                      state, app_killed, requeued, orphan_stopped, int(attempts), app_s,
                      [{"id": j[0], "state": j[1], "attempts": j[2], "n_instances": j[3]}
-                      for j in jobs], round(time.monotonic() - t0, 2), notes)
+                      for j in jobs], round(time.monotonic() - t0, 2), notes,
+                     damaged, int(recovered.get("journal_files_rewritten", 0)))
     finally:
         node.stop()
 
 
 def run_cycles(study_dir: Path, cycles: int = 10, seed: int = 0,
                kill_delay_s: tuple[float, float] = (0.0, 2.0), with_app: bool = False,
-               work: Path | None = None, keep: bool = False) -> dict[str, Any]:
+               work: Path | None = None, keep: bool = False, ingest_journal: bool | None = None,
+               power_cut: bool = False) -> dict[str, Any]:
     """Run ``cycles`` kill cycles against the study in ``study_dir``; returns the summary dict.
 
     ``kill_delay_s``: the kill comes uniform(lo, hi) seconds (seeded) after the first
     acknowledgement. Each cycle uses a fresh spool under ``work`` (a temp folder by default,
-    deleted unless ``keep``).
+    deleted unless ``keep``). ``ingest_journal``: the node's setting (None: the example config's).
+    ``power_cut`` (journal on only): after the kill, delete / empty / cut short every instance file
+    the journal still holds (not yet fsynced: what a power cut may lose), before the restart.
     """
     if shutil.which("storescu") is None:
         raise RuntimeError("storescu (DCMTK) is not installed")
@@ -323,7 +341,8 @@ def run_cycles(study_dir: Path, cycles: int = 10, seed: int = 0,
     try:
         for i in range(cycles):
             results.append(run_cycle(i, sources, tmp / f"cycle-{i:02d}", rng, kill_delay_s,
-                                     with_app, kill_app=(i % 2 == 1)))
+                                     with_app, kill_app=(i % 2 == 1),
+                                     ingest_journal=ingest_journal, power_cut=power_cut))
             c = results[-1]
             print(f"cycle {i}: acked {c.instances_acknowledged}/{len(sources)} "
                   f"(mid-push {c.killed_mid_push}), lost {c.instances_lost}, dup {c.duplicates}, "
@@ -343,6 +362,10 @@ def run_cycles(study_dir: Path, cycles: int = 10, seed: int = 0,
                 "require_dicom_results: false (jobs are created and run, no QSM computed)"),
         "config": "deploy/node.example.yaml with port/bind/spool/allowed_calling_aets/destinations "
                   "changed, study_quiet_seconds 1, min_free_mb 1, poll_seconds 0.1",
+        "ingest_journal": ingest_journal if ingest_journal is not None else "example config",
+        "simulated_power_cut": power_cut,
+        "power_cut_files_lost": sum(c.power_cut_files_lost for c in results),
+        "journal_files_rewritten": sum(c.journal_files_rewritten for c in results),
         "seed": seed, "kill_delay_s_after_first_ack": list(kill_delay_s),
         "cycles_run": len(results),
         "cycles_killed_mid_push": sum(c.killed_mid_push for c in results),
@@ -373,11 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-delay", type=float, nargs=2, default=(0.0, 2.0), metavar=("LO", "HI"),
                     help="kill uniform(LO, HI) s after the first acknowledgement")
     ap.add_argument("--with-app", action="store_true", help="run the real app (slow)")
+    ap.add_argument("--ingest-journal", choices=["true", "false"],
+                    help="the node's ingest_journal (default: the example config's, true)")
+    ap.add_argument("--power-cut", action="store_true",
+                    help="journal on: also delete/empty/cut the un-checkpointed instance files "
+                         "after each kill, as a power cut may")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reliability.json")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="soak-study-") as tmp:
         study = args.study or simulate_study(Path(tmp))
-        res = run_cycles(study, args.cycles, args.seed, tuple(args.kill_delay), args.with_app)
+        journal = None if args.ingest_journal is None else args.ingest_journal == "true"
+        res = run_cycles(study, args.cycles, args.seed, tuple(args.kill_delay), args.with_app,
+                         ingest_journal=journal, power_cut=args.power_cut)
     if args.study is None:
         res["study"]["source"] = "training.simulate --subjects 1 --seed 1 --voxel-mm 3 3 3"
     res["command"] = "python -m bench.reliability " + " ".join(argv if argv is not None else sys.argv[1:])

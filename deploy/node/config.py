@@ -155,7 +155,8 @@ class NodeConfig:
     tls: TLSConfig | None = None
     poll_seconds: float = 0.5
     log_file: Path | None = None
-    ingest_journal: bool = False  # opt-in: group-commit journal (deploy/node/spool.Journal)
+    #: group-commit journal before Success (deploy/node/spool.Journal); false: fsync per instance
+    ingest_journal: bool = True
 
 
 def _type_name(value: Any) -> str:
@@ -292,7 +293,7 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> NodeConfig:
     workers = int(r.number("workers", 1, minimum=1, integer=True))
     min_free_mb = float(r.number("min_free_mb", 1024.0))
     poll = float(r.number("poll_seconds", 0.5, strictly_positive=True))
-    ingest_journal = r.boolean("ingest_journal", False)
+    ingest_journal = r.boolean("ingest_journal", True)
 
     dests_raw = r.get("destinations", [])
     if not isinstance(dests_raw, list):

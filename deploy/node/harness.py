@@ -1,7 +1,8 @@
 """The node as a child process, for the code that drives it from outside: the peer and soak tests
 (tests/integration/test_node_peers.py, test_node_soak.py) and the benchmarks (bench/reliability.py,
 bench/end_to_end.py). One way to start it on a written config and wait for its ``node_started``
-log event, read its JSON-lines log, kill -9 or stop it, and poll for a condition.
+log event, read its JSON-lines log, kill -9 or stop it, and poll for a condition; and
+:func:`simulate_power_cut_loss`, what a power cut adds to a kill -9 on a journalled spool.
 
 The node itself never imports this module.
 """
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .spool import Journal
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -31,6 +34,27 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def simulate_power_cut_loss(spool: Path) -> int:
+    """What a power cut after a kill -9 may also take with the page cache, on a journalled spool:
+    every instance file whose record is still in a journal segment (not yet checkpointed, so not
+    yet fsynced) is deleted, emptied or cut short, in turn. Returns how many recorded files are
+    now missing or damaged (what the replay must rewrite; a record whose file the kill left
+    unwritten counts too)."""
+    recorded = {rel: n for seg in sorted((spool / "journal").glob("seg-*.log"))
+                for rel, _, n in Journal.records(seg)}
+    for k, (rel, n) in enumerate(sorted(recorded.items())):
+        f = spool / rel
+        if not f.is_file():
+            continue
+        if k % 3 == 0:
+            f.unlink()
+        elif k % 3 == 1:
+            f.write_bytes(b"")
+        else:
+            f.write_bytes(f.read_bytes()[: n // 2])
+    return len(recorded)
 
 
 class NodeProcess:

@@ -9,14 +9,16 @@ The C-STORE handler, for every instance:
    UID that differs from the one in the C-STORE request answers 0xC221;
 4. recognises a duplicate (same SOP Instance UID, same SHA-256 of the encoded dataset, file
    present) and answers Success without storing it twice;
-5. writes the file (preamble, file meta built here, data set bytes exactly as received) to a temp
-   file, fsyncs it, renames it to ``instances/<study>/<series>/<sop>.dcm`` and fsyncs the folder
-   (shared with concurrent writers, see ``spool.DirSyncer``); a full disk answers 0xA700, another
-   I/O error 0xC230;
+5. writes the file (preamble, file meta built here, data set bytes exactly as received) durably
+   with ``Spool.durable_write``: with ``ingest_journal`` (default) one journal record, fdatasynced
+   together with concurrent associations' records (group commit), then the file renamed to
+   ``instances/<study>/<series>/<sop>.dcm``; without it a temp file fsynced, renamed, and the
+   folder fsynced (shared with concurrent writers, ``spool.DirSyncer``). A full disk answers
+   0xA700, another I/O error 0xC230;
 6. records, with the row, what the instance says about its series' completeness (position, echo,
    EchoTrainLength, ImagesInAcquisition, per-frame groups: :func:`completeness_evidence`);
-7. commits the instance row to the SQLite queue, and only then answers 0x0000. The fsynced file
-   is the durable record, so the row's commit skips the WAL fsync (``reconcile`` re-registers
+7. commits the instance row to the SQLite queue, and only then answers 0x0000. The journal record
+   or the fsynced file is the durable record, so the row's commit skips the WAL fsync (``reconcile`` re-registers
    the file after a power cut); the commit is durable when it deletes an older copy
    (an instance moved to another study/series). Reasoning: deploy/README.md.
 

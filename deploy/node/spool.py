@@ -18,13 +18,15 @@ A file is durable when :func:`durable_write` returns. Two ways, chosen per spool
   cut the file is either there whole or not there at all (two fsyncs per instance);
 * with a journal (:class:`Journal`, the node's default, ``ingest_journal``): the path and bytes
   are appended as one checksummed record to a preallocated segment file under ``journal/`` and
-  the segment is fdatasynced - one sync per *group* of concurrent writers (group commit), and on
-  a preallocated file fdatasync writes no inode metadata. Only then is the file written to tmp
+  the segment is fdatasynced - one sync per *group* of concurrent writers (group commit); the
+  file is preallocated, so the sync never has to record a new file size (ext4 still marks the
+  preallocated blocks written as they fill). Only then is the file written to tmp
   and renamed into place (visible whole, not yet fsynced). A background checkpoint fsyncs the
   files of a full segment and their folders and only then deletes the segment. At start-up,
   :meth:`Journal.replay` rewrites (durably, the first way) every file of a remaining segment
   that is missing or differs from its record, so a power cut loses nothing that was
-  acknowledged; a torn record at a segment's tail was never acknowledged and is ignored.
+  acknowledged; a torn record at a segment's tail was never acknowledged and is ignored. The
+  replay runs at every start, also with the journal turned off since.
 
 The journal is written by hand: it is a plain write-ahead log (length + CRC-32 records, one
 fdatasync per group); no library in the project's stack offers a durable append log of files.
@@ -153,9 +155,14 @@ class Spool:
         self.journal: Journal | None = None
         #: files rewritten from the journal at start-up (power cut before a checkpoint)
         self.replayed = 0
-        if journal:
-            self.clean_tmp()
+        #: partial writes removed here at start-up (before the replay), for the recovery log
+        self.partial_writes_removed = 0
+        # A journal left by an earlier run is replayed even when the journal is now off: after a
+        # power cut its segments hold acknowledged instances whose files were never fsynced.
+        if journal or (self.root / "journal").is_dir():
+            self.partial_writes_removed = self.clean_tmp()
             self.replayed = Journal.replay(self)
+        if journal:
             self.journal = Journal(self, segment_bytes)
 
     def close(self) -> None:
@@ -324,6 +331,7 @@ class Journal:
         self._synced = 0
         self._syncing = False
         self._closed = False
+        self._active = 0  # appends in progress (close waits for them)
         self.syncs = 0
         self.checkpoints = 0
         self._full: list[_Segment | None] = []
@@ -350,44 +358,63 @@ class Journal:
         with self._cond:
             if self._closed:
                 raise OSError(errno.ESHUTDOWN, "the spool journal is closed")
-            seg = self._seg
-            if seg.offset + need > seg.size:
-                while self._syncing:  # the leader's fdatasync uses the old segment's fd
-                    self._cond.wait()
-                os.fdatasync(seg.fd)  # every record written so far is now durable
-                self._synced = self._written
-                self._full.append(seg)
-                self._cond.notify_all()
-                seg = self._seg = self._new_segment(need)
-            header = _REC.pack(_MAGIC, seg.id, len(rel), len(data), _crc(seg.id, rel, data))
-            written = os.pwritev(seg.fd, [header, rel, data], seg.offset)
-            if written != need:
-                raise OSError(errno.EIO, f"short journal write ({written} of {need} bytes)")
-            seg.offset += need
-            seg.pending += 1
-            self._written += 1
-            ticket = self._written
+            self._active += 1
             try:
-                while self._synced < ticket:
-                    if self._syncing:
-                        self._cond.wait()
-                        continue
-                    self._syncing = True
-                    target, fd = self._written, self._seg.fd
-                    self._cond.release()
-                    try:
-                        os.fdatasync(fd)
-                    finally:
-                        self._cond.acquire()
-                        self._syncing = False
-                        self._cond.notify_all()
-                    self.syncs += 1
-                    self._synced = max(self._synced, target)
-            except BaseException:
-                seg.pending -= 1
+                return self._append_locked(rel, data, need)
+            finally:
+                self._active -= 1
                 self._cond.notify_all()
-                raise
+
+    def _append_locked(self, rel: bytes, data: bytes, need: int) -> _Segment:
+        while True:
+            seg = self._seg  # read again after every wait: another writer may have rotated
+            if seg.offset + need <= seg.size:
+                break
+            if self._syncing:  # the leader's fdatasync uses the current segment's fd
+                self._cond.wait()
+                continue
+            # The new segment first: if it cannot be made (disk full) the full one stays current
+            # and is not handed to the checkpointer (which closes its fd).
+            new = self._new_segment(need)
+            os.fdatasync(seg.fd)  # every record written so far is now durable
+            self.syncs += 1
+            self._synced = self._written
+            self._full.append(seg)
+            self._seg = new
+            self._cond.notify_all()
+        header = _REC.pack(_MAGIC, seg.id, len(rel), len(data), _crc(seg.id, rel, data))
+        written = os.pwritev(seg.fd, [header, rel, data], seg.offset)
+        if written != need:
+            raise OSError(errno.EIO, f"short journal write ({written} of {need} bytes)")
+        seg.offset += need
+        seg.pending += 1
+        self._written += 1
+        ticket = self._written
+        try:
+            while self._synced < ticket:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                target, fd = self._written, self._seg.fd
+                self._cond.release()
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self.syncs += 1
+                self._synced = max(self._synced, target)
+        except BaseException:
+            seg.pending -= 1
+            raise
         return seg
+
+    @property
+    def records_written(self) -> int:
+        """Records appended since start (``records_written / syncs``: instances per fdatasync)."""
+        return self._written
 
     def materialised(self, seg: _Segment, path: Path | None) -> None:
         """The file of a record appended to ``seg`` was written (``None``: writing it failed)."""
@@ -413,6 +440,7 @@ class Journal:
                 pass  # the segment stays; the next start replays it
 
     def _checkpoint(self, seg: _Segment) -> None:
+        os.close(seg.fd)  # no writer left: each append returned only after its record's sync
         folders = set()
         for f in seg.files:
             try:
@@ -422,7 +450,6 @@ class Journal:
             folders.add(f.parent)
         for d in folders:
             fsync_dir(d)
-        os.close(seg.fd)
         seg.path.unlink()
         fsync_dir(self.dir)
         self.checkpoints += 1
@@ -433,7 +460,7 @@ class Journal:
             if self._closed:
                 return
             self._closed = True
-            while self._syncing:
+            while self._syncing or self._active:
                 self._cond.wait()
             self._full.extend([self._seg, None])
             self._cond.notify_all()

@@ -8,6 +8,7 @@ folder with new Series/SOP Instance UIDs, so delivery can be checked without run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 from deploy.node import harness
-from deploy.node.harness import wait_for
+from deploy.node.harness import simulate_power_cut_loss, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -290,9 +291,14 @@ def test_node_answers_out_of_resources_below_free_space_threshold(tmp_path: Path
         n.stop()
 
 
-def test_node_kill9_mid_push_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("journal", [False, True], ids=["fsync_per_instance", "journal"])
+def test_node_kill9_mid_push_loses_no_acknowledged_instance(tmp_path: Path, journal: bool) -> None:
+    """kill -9 after 10 acknowledgements: after the restart every acknowledged instance is stored
+    whole and queued, nothing half-written is in the spool or the queue, tmp/ is empty. With the
+    journal, the power cut's loss of un-fsynced files is simulated too and the replay restores
+    them."""
     storescu = _need("storescu")
-    n = NodeProcess(tmp_path / "n")
+    n = NodeProcess(tmp_path / "n", ingest_journal=journal)
     n.start()
     study, series = generate_uid(), generate_uid()
     files = []
@@ -302,6 +308,7 @@ def test_node_kill9_mid_push_loses_no_acknowledged_instance(tmp_path: Path) -> N
         make_mr(p, study, series, slice_index=k, size=128)
         files.append(p)
     sop_of = {str(p): pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+    source_of = {sop_of[str(p)]: pydicom.dcmread(p) for p in files}
     push = subprocess.Popen([storescu, "-v", "-aet", SCANNER_AET, "-aec", NODE_AET, "127.0.0.1",
                              str(n.port), *map(str, files)], env=dcmtk_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -323,19 +330,37 @@ def test_node_kill9_mid_push_loses_no_acknowledged_instance(tmp_path: Path) -> N
     assert 10 <= len(acked) < len(files), f"push was not interrupted: {len(acked)} acked"
     assert push.returncode != 0
 
+    damaged = 0
+    if journal:
+        assert list((n.spool / "journal").glob("seg-*.log")), "no journal segment after kill -9"
+        damaged = simulate_power_cut_loss(n.spool)
+        assert damaged >= len(acked)  # 150 x 32 KiB fit in one segment: nothing checkpointed yet
     n.start()  # restart on the same spool and queue
+    recovered = n.events("node_recovered")[-1]
+    assert recovered["journal_files_rewritten"] == damaged
     status = n.status()
-    stored = {r[0] for r in n.rows("SELECT sop_instance_uid FROM instances")}
-    missing = [s for s in acked if s not in stored]
+    rows = {r[0]: (r[1], r[2]) for r in n.rows("SELECT sop_instance_uid, path, sha256 FROM instances")}
+    missing = [s for s in acked if s not in rows]
     assert missing == []
     for sop in acked:
         path = n.spool / "instances" / study / series / f"{sop}.dcm"
         back = pydicom.dcmread(path)
-        assert back.SOPInstanceUID == sop and len(back.PixelData) == 128 * 128 * 2
-    assert status["studies"][0]["n_instances"] == len(stored) >= len(acked)
+        assert back.SOPInstanceUID == sop and back.PixelData == source_of[sop].PixelData
+    # nothing half-written: every file in the spool is a whole instance with a matching row
+    on_disk = sorted((n.spool / "instances").rglob("*.dcm"))
+    assert len(on_disk) == len(rows) >= len(acked)
+    for f in on_disk:
+        back = pydicom.dcmread(f)
+        assert back.PixelData == source_of[back.SOPInstanceUID].PixelData, f
+        assert rows[back.SOPInstanceUID] == (str(f.relative_to(n.spool)),
+                                             hashlib.sha256(f.read_bytes()).hexdigest())
+    assert status["studies"][0]["n_instances"] == len(rows)
     assert list((n.spool / "tmp").iterdir()) == []
-    assert n.events("node_recovered")
+    if not journal:
+        assert not (n.spool / "journal").exists()
     n.stop()
+    if journal:  # a clean stop checkpoints the journal: no segment left to replay
+        assert list((n.spool / "journal").glob("seg-*.log")) == []
 
 
 def _orthanc_config(root: Path, dicom_port: int, http_port: int, node_port: int) -> Path:

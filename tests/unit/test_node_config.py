@@ -140,3 +140,12 @@ def test_require_dicom_results_defaults_true_and_must_be_a_boolean(tmp_path: Pat
     assert off.app.require_dicom_results is False
     with pytest.raises(ConfigError, match="app.require_dicom_results"):
         parse_config({**base, "app": {"require_dicom_results": "yes"}}, tmp_path)
+
+
+def test_ingest_journal_defaults_true_false_turns_it_off_and_must_be_a_boolean(tmp_path: Path) -> None:
+    base = {"ae_title": "NODE", "port": 11112, "spool": str(tmp_path)}
+    assert parse_config(base, tmp_path).ingest_journal is True
+    assert parse_config({**base, "ingest_journal": False}, tmp_path).ingest_journal is False
+    assert load_config(REPO / "deploy" / "node.example.yaml").ingest_journal is True
+    with pytest.raises(ConfigError, match="^ingest_journal"):
+        parse_config({**base, "ingest_journal": "no"}, tmp_path)

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from deploy.node.config import parse_config
 from deploy.node.scp import STATUS_SUCCESS
 from deploy.node.service import Node
-from deploy.node.spool import Journal, Spool
+from deploy.node.spool import Journal, OutOfSpace, Spool
 
 from .test_node_scp import mr
 
@@ -187,3 +187,87 @@ def test_c_store_response_waits_for_the_journal_sync(tmp_path: Path, monkeypatch
     finally:
         block.release.set()
         node.stop()
+
+
+def test_many_writers_rotating_small_segments_checkpoint_each_segment_once(tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """Writers that find the segment full while another one rotates it must not rotate (sync,
+    hand to the checkpointer) the old segment a second time."""
+    sp = Spool(tmp_path / "spool", journal=True, segment_bytes=3 * 1200)
+    assert sp.journal is not None
+    seen: list[int] = []
+    real = Journal._checkpoint
+    monkeypatch.setattr(Journal, "_checkpoint", lambda self, seg: (seen.append(seg.id), real(self, seg)))
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            for k in range(25):
+                sp.durable_write(_path(sp, f"1.2.3.4.{w}.{k}"), bytes([w, k]) * 500)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sp.close()
+    assert errors == []
+    assert len(seen) == len(set(seen)) == sp.journal._counter  # every segment exactly once
+    assert sp.journal.checkpoints == sp.journal._counter > 8 * 25 // 3 - 1
+    assert list((sp.root / "journal").glob("seg-*.log")) == []
+    assert all(_path(sp, f"1.2.3.4.{w}.{k}").read_bytes() == bytes([w, k]) * 500
+               for w in range(8) for k in range(25))
+
+
+def test_disk_full_when_rotating_answers_out_of_space_and_keeps_the_segment(tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    root = tmp_path / "spool"
+    sp = Spool(root, journal=True, segment_bytes=2500)
+    assert sp.journal is not None
+    first = _path(sp, "1.2.3.4.1")
+    sp.durable_write(first, b"a" * 2000)
+    real = Journal._new_segment
+
+    def full(self, need):
+        raise OutOfSpace(28, "spool disk is full: No space left on device")
+
+    monkeypatch.setattr(Journal, "_new_segment", full)
+    with pytest.raises(OutOfSpace):
+        sp.durable_write(_path(sp, "1.2.3.4.2"), b"b" * 2000)  # does not fit: rotation fails
+    assert not _path(sp, "1.2.3.4.2").exists()
+    time.sleep(0.3)  # time for the checkpointer to take a segment it was wrongly handed
+    assert sp.journal.checkpoints == 0 and sp.journal._full == []  # old segment still current
+    monkeypatch.setattr(Journal, "_new_segment", real)
+    sp.durable_write(_path(sp, "1.2.3.4.3"), b"c" * 2000)  # space again: rotates, writes
+    deadline = time.monotonic() + 10
+    while sp.journal.checkpoints < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sp.journal.checkpoints == 1  # the first segment, once, after its file was fsynced
+    _power_cut(sp)
+    _path(sp, "1.2.3.4.3").unlink()  # lost with the page cache: only the journal has it
+    sp2 = Spool(root, journal=True)
+    assert sp2.replayed == 1 and first.read_bytes() == b"a" * 2000
+    assert _path(sp2, "1.2.3.4.3").read_bytes() == b"c" * 2000
+    sp2.close()
+
+
+def test_a_start_with_the_journal_turned_off_still_replays_what_it_left(tmp_path: Path) -> None:
+    """Power cut with ingest_journal on, restart with it off: the leftover segment is replayed
+    anyway (the acknowledged files are only there), and no new journal is opened."""
+    root = tmp_path / "spool"
+    sp = Spool(root, journal=True)
+    data = {f"1.2.3.4.{k}": os.urandom(2000 + k) for k in range(4)}
+    for sop, d in data.items():
+        sp.durable_write(_path(sp, sop), d)
+    _power_cut(sp)
+    _path(sp, "1.2.3.4.0").unlink()
+    _path(sp, "1.2.3.4.3").write_bytes(b"")
+    (root / "tmp" / "x.part").write_bytes(b"half")
+    sp2 = Spool(root, journal=False)
+    assert sp2.journal is None and sp2.replayed == 2 and sp2.partial_writes_removed == 1
+    assert {s: _path(sp2, s).read_bytes() for s in data} == data
+    assert list((root / "journal").glob("seg-*.log")) == []
+    sp2.durable_write(_path(sp2, "1.2.3.4.9"), b"no journal")  # fsync per instance from here
+    assert list((root / "journal").glob("seg-*.log")) == []

@@ -4,6 +4,7 @@ out of space; and the start-up reconciliation of files the queue does not know."
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,10 +72,12 @@ class FakeEvent:
         return self._raw
 
 
-@pytest.fixture
-def handler(tmp_path: Path) -> StoreHandler:
-    sp = Spool(tmp_path / "spool")
-    return StoreHandler(sp, Queue(sp.db_path), clock=lambda: 1000.0)
+@pytest.fixture(params=[False, True], ids=["fsync_per_instance", "journal"])
+def handler(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreHandler]:
+    """The handler on a spool without and with the group-commit journal (ingest_journal)."""
+    sp = Spool(tmp_path / "spool", journal=request.param)
+    yield StoreHandler(sp, Queue(sp.db_path), clock=lambda: 1000.0)
+    sp.close()
 
 
 def test_store_writes_readable_file_and_records_it(handler: StoreHandler) -> None:
