@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, write_result
+
 PY = sys.executable
 COMPARED = ("findings.json", "stages.json")
 
@@ -107,15 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"--voxel-mm {' '.join(f'{v:g}' for v in args.voxel_mm)}",
             "simulate_s": round(sim_s, 1),
             "threads_per_subject": args.threads,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
             "runs": runs,
         }
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result, echo=False)
     for r in runs:
         print(f"{r['mode']:<24s} {r['wall_s']:7.1f} s  x{r['speedup_vs_sequential']}  "
               f"identical={r.get('identical_to_sequential', '-')}  load {r['load_before']}->{r['load_after']}")

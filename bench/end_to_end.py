@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from bench.common import write_result
 from bench.ingest import dcmtk_env, free_port, simulate_study, start_orthanc, stop, wait_echo
 from deploy.node.harness import wait_for
 from deploy.node.queue import Queue
@@ -231,16 +230,8 @@ def main(argv: list[str] | None = None) -> int:
               "study": (f"training.simulate --subjects 1 --seed 1 --voxel-mm "
                         f"{' '.join(str(v) for v in args.voxel_mm)}" if args.study is None
                         else str(args.study)),
-              **report,
-              "host": {"python": platform.python_version(), "platform": platform.platform(),
-                       "cpus": os.cpu_count(), "load_average_1_5_15_min_at_end": [
-                           round(x, 2) for x in os.getloadavg()],
-                       "note": "shared machine (other engineers run tests on it)"},
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+              **report}
+    write_result(args.out, report)
     return 0
 
 
