@@ -11,9 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from core.dicom.derived import choose_slope, read_qsm_series, write_qsm_series
+from core.dicom.derived import WINDOW_PPM, choose_slope, read_qsm_series, write_qsm_series
 from core.dicom.reader import load_gre
 from core.errors import DicomInputError
+from core.report.keyimages import QSM_WINDOW_PPM
 from core.uids import is_valid_uid
 from tests.unit.test_dicom_roundtrip import SHAPE, make_study
 from training.sim.dicom_writer import write_study
@@ -84,6 +85,7 @@ def test_headers_link_to_the_source(gre, written):
         # -0.3..+0.5 ppm for the default LINEAR function, in ppb: c - 0.5 -+ (w - 1) / 2 = -300, 500
         assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (100.5, 801.0)
         assert "VOILUTFunction" not in ds  # OHIF 3.13 mishandles LINEAR_EXACT
+        assert WINDOW_PPM == QSM_WINDOW_PPM == (-0.3, 0.5)  # the series looks like the key images
         assert float(ds.RescaleIntercept) == 0.0 and ds.PixelRepresentation == 1
         rwvm = ds.RealWorldValueMappingSequence[0]
         assert rwvm.RealWorldValueSlope * 1000 == float(ds.RescaleSlope)
