@@ -11,18 +11,29 @@ What is written (PS3.3 A.4 MR Image IOD; checked with dciodvfy, no errors):
   (MPR, T1 MAP, PHASE MAP, ...), which may be extended; dciodvfy only warns "Unrecognized defined term <QSM>". The GRE loader
   sees no magnitude/phase token in it, so a QSM series sent back into the node is never mistaken
   for an input.
-* Pixel values: signed 16-bit stored values ``s`` with ``chi_ppm = s * RescaleSlope + 0``
-  (RescaleIntercept 0). The slope is :data:`DEFAULT_SLOPE_PPM` (0.0005 ppm = 0.5 ppb per
-  stored unit, range +-16.38 ppm) unless the map holds larger magnitudes, in which case the next
-  slope in the 1-2-5 sequence that fits is used: nothing is clipped. Non-finite values are
-  written as 0. RescaleType ``US`` (the defined term for "unspecified": PS3.3 C.11.1.1.2 has no
-  term for ppm). dciodvfy warns that RescaleSlope/Intercept/Type are not part of the standard MR
-  IOD (it still reads them; SimpleITK, pydicom and viewers apply them) but reports no error.
-  The unit is carried the standard way by a RealWorldValueMappingSequence (same slope and
-  intercept, MeasurementUnitsCodeSequence UCUM ``ppm``), which the MR IOD includes, and is
+* Pixel values: signed 16-bit stored values ``s``; the Modality LUT gives parts per billion,
+  ``chi_ppb = s * RescaleSlope + 0`` (RescaleIntercept 0, RescaleType ``PPB``), and
+  ``chi_ppm = s * RealWorldValueSlope`` (RealWorldValueMappingSequence, MeasurementUnitsCodeSequence
+  UCUM ``ppm``, the standard carrier of a quantity's unit, which the MR IOD includes). The ppm
+  step is :data:`DEFAULT_SLOPE_PPM` (0.0005 ppm = 0.5 ppb per stored unit, range +-16.38 ppm)
+  unless the map holds larger magnitudes, in which case the next step in the 1-2-5 sequence that
+  fits is used: nothing is clipped. Non-finite values are written as 0. Why ppb and not ppm after
+  the Modality LUT: a QSM window is a fraction of a ppm wide, and a window narrower than 1 is
+  only valid with VOILUTFunction ``LINEAR_EXACT`` (dciodvfy rejects it with the default
+  ``LINEAR``); OHIF 3.13 (Cornerstone3D) mishandles ``LINEAR_EXACT`` (its volume viewport drops
+  the function and computes an inverted range from the ``LINEAR`` formula, lower -0.2 / upper
+  -0.8 for 0 / 0.4, so the viewport was one flat grey level; its stack viewport raises "Invalid
+  VOI LUT function"), and other viewers ignore it. In ppb the window is hundreds of units wide and
+  the default ``LINEAR`` function is exact enough everywhere. dciodvfy warns that
+  RescaleSlope/Intercept/Type are not part of the standard MR IOD (it still reads them;
+  SimpleITK, pydicom and viewers apply them: they see ppb) but reports no error. The unit is also
   stated in SeriesDescription, DerivationDescription and WindowCenterWidthExplanation.
-* WindowCenter 0 / WindowWidth 0.4 (ppm, after rescale) with VOILUTFunction ``LINEAR_EXACT``:
-  dciodvfy rejects a WindowWidth below 1 with the default LINEAR function.
+  :func:`qsm_from_frames` reads ``PPB`` back as ppm (and any other RescaleType, e.g. a
+  scanner's map or a series written before this change, as ppm).
+* Window :data:`WINDOW_PPM` -0.3..+0.5 ppm (the key images' window, so the series and the key
+  images look alike: paramagnetic microbleeds and veins bright, calcifications dark), written
+  for the ``LINEAR`` function in ppb: WindowCenter 100.5, WindowWidth 801 (PS3.3 C.11.2.1.2.1:
+  black at or below c - 0.5 - (w - 1) / 2 = -300, white above c - 0.5 + (w - 1) / 2 = 500).
 * Study, patient and frame of reference copied from the source (``gre.source_datasets[0]``,
   ``gre.patient``, ``gre.geometry.frame_of_reference_uid``); acquisition attributes the MR
   Image module requires (ScanningSequence, SequenceVariant, ...) copied from the source, with
@@ -56,8 +67,11 @@ from core.uids import result_instance_uid, result_series_uid
 MANUFACTURER = "CMB-QSM open source"
 MODEL_NAME = "CMB-QSM node"
 DEFAULT_SLOPE_PPM = 0.0005
-RESCALE_TYPE = "US"
-WINDOW_PPM = (0.0, 0.4)
+RESCALE_TYPE = "PPB"
+#: ppb per ppm: the Modality LUT (RescaleSlope) is in ppb, the real-world value mapping in ppm
+PPB_PER_PPM = 1000.0
+#: display window (low, high) in ppm
+WINDOW_PPM = (-0.3, 0.5)
 IMAGE_TYPE = ["DERIVED", "SECONDARY", "QSM"]
 METHODS = ("STAR-QSM", "TKD")
 
@@ -106,6 +120,13 @@ def choose_slope(chi_ppm: np.ndarray) -> float:
             i, exp = 0, exp + 1
         slope = steps[i] * 10.0**exp
     return float(f"{slope:.1g}")
+
+
+def linear_window(low_ppm: float, high_ppm: float) -> tuple[float, float]:
+    """(WindowCenter, WindowWidth) in ppb for the default ``LINEAR`` VOI function that maps
+    ``low_ppm`` and below to black and above ``high_ppm`` to white (PS3.3 C.11.2.1.2.1)."""
+    lo, hi = low_ppm * PPB_PER_PPM, high_ppm * PPB_PER_PPM
+    return (lo + hi + 1.0) / 2.0, hi - lo + 1.0
 
 
 def _source_header(gre: GREVolume) -> pydicom.Dataset | None:
@@ -180,7 +201,7 @@ def write_qsm_series(
     base.Modality = "MR"
     base.SeriesInstanceUID = series_uid
     base.SeriesNumber = int(series_number)
-    base.SeriesDescription = f"QSM {method} (ppm)"
+    base.SeriesDescription = f"QSM {method} (ppb)"
     base.SeriesDate, base.SeriesTime = date, time
     base.ContentDate, base.ContentTime = date, time
     base.InstanceCreationDate, base.InstanceCreationTime = date, time
@@ -197,7 +218,7 @@ def write_qsm_series(
         if kw not in base:
             setattr(base, kw, default)
     base.DerivationDescription = (
-        f"Quantitative susceptibility map (ppm) by {method}, {MANUFACTURER} {algorithm_version}, "
+        f"Quantitative susceptibility map (pixel values in ppb) by {method}, {MANUFACTURER} {algorithm_version}, "
         f"from GRE magnitude series {gre.magnitude_series_uid or source_series}"
         + (f" and phase series {gre.phase_series_uid}" if gre.phase_series_uid else "")
         + f"; {gre.n_echoes} echo(es)"
@@ -218,12 +239,12 @@ def write_qsm_series(
     base.HighBit = 15
     base.PixelRepresentation = 1
     base.RescaleIntercept = "0"
-    base.RescaleSlope = _ds_str(slope)
+    base.RescaleSlope = _ds_str(float(f"{slope * PPB_PER_PPM:.6g}"))
     base.RescaleType = RESCALE_TYPE
-    base.WindowCenter = _ds_str(WINDOW_PPM[0])
-    base.WindowWidth = _ds_str(WINDOW_PPM[1])
-    base.WindowCenterWidthExplanation = "QSM ppm"
-    base.VOILUTFunction = "LINEAR_EXACT"  # a window narrower than 1 needs it (PS3.3 C.11.2.1.3)
+    center, width = linear_window(*WINDOW_PPM)
+    base.WindowCenter = _ds_str(center)
+    base.WindowWidth = _ds_str(width)
+    base.WindowCenterWidthExplanation = f"QSM {WINDOW_PPM[0]:+g} to {WINDOW_PPM[1]:+g} ppm"
     base.RealWorldValueMappingSequence = DicomSequence([_ppm_mapping(slope)])
 
     sources = list(gre.source_datasets)
@@ -294,7 +315,7 @@ def read_qsm_series(folder: Path, series_instance_uid: str | None = None) -> tup
             series whose ImageType value 3 is ``QSM``.
 
     Returns:
-        ``(chi_ppm, geometry)``: float64 ``[i, j, k]`` in ppm (RescaleSlope/Intercept applied) and
+        ``(chi_ppm, geometry)``: float64 ``[i, j, k]`` in ppm (see :func:`qsm_from_frames`) and
         the grid, with its FrameOfReferenceUID.
     """
     scan = scan_folder(Path(folder))
@@ -317,7 +338,8 @@ def read_qsm_series(folder: Path, series_instance_uid: str | None = None) -> tup
 
 def qsm_from_frames(frames: list[Frame]) -> tuple[np.ndarray, Geometry]:
     """``(chi_ppm, geometry)`` of the frames of one single-component stack (a QSM series): sorted by
-    position, grid checked as for any input stack, RescaleSlope/Intercept applied."""
+    position, grid checked as for any input stack, RescaleSlope/Intercept applied; a Modality LUT in
+    ppb (RescaleType ``PPB``, this writer's) is divided by 1000, any other is taken as ppm."""
     f0 = frames[0]
     for f in frames:
         if (f.rows, f.columns) != (f0.rows, f0.columns) or not np.allclose(f.orientation, f0.orientation, atol=1e-4):
@@ -326,6 +348,11 @@ def qsm_from_frames(frames: list[Frame]) -> tuple[np.ndarray, Geometry]:
     stack = _Stack(ordered, [_Echo(0.0, None, ordered)])
     _check_grid(stack)  # evenly spaced, no gap, no shear, no duplicates: raises DicomInputError
     chi = _stack_values(stack)[0]
+    units = {(f.rescale_type or "").strip().upper() for f in ordered}
+    if "PPB" in units:
+        if len(units) != 1:
+            raise DicomInputError(f"series {f0.series_instance_uid} mixes RescaleType PPB with others")
+        chi = chi / PPB_PER_PPM
     locs = np.array([f.slice_location() for f in ordered])
     geometry = Geometry.from_dicom(
         rows=f0.rows,

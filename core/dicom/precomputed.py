@@ -3,7 +3,8 @@ QSM series whose ImageType value 3 is ``QSM``) with the GRE magnitude of the sam
 a :class:`GREVolume` whose ``precomputed_qsm`` carries the map, so detection, MARS and the reports
 run without reconstruction.
 
-* The QSM series: :func:`core.dicom.derived.qsm_from_frames` (rescale applied: ppm for our series;
+* The QSM series: :func:`core.dicom.derived.qsm_from_frames` (rescale applied, in ppm: our series'
+  ppb Modality LUT, RescaleType ``PPB``, divided by 1000;
   a map outside the ppm range is refused, :func:`core.nifti_input.check_chi_ppm`). Several QSM
   series are refused (say which by sending one).
 * The magnitude: the magnitude stack (any number of echoes) on the QSM grid (same frame of

@@ -11,9 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from core.dicom.derived import choose_slope, read_qsm_series, write_qsm_series
+from core.dicom.derived import WINDOW_PPM, choose_slope, read_qsm_series, write_qsm_series
 from core.dicom.reader import load_gre
 from core.errors import DicomInputError
+from core.report.keyimages import QSM_WINDOW_PPM
 from core.uids import is_valid_uid
 from tests.unit.test_dicom_roundtrip import SHAPE, make_study
 from training.sim.dicom_writer import write_study
@@ -51,8 +52,10 @@ def test_values_and_geometry_survive(gre, written):
     assert len(paths) == SHAPE[2]
     chi, geom = read_qsm_series(folder)
     assert chi.shape == SHAPE
-    slope = float(pydicom.dcmread(paths[0], stop_before_pixels=True).RescaleSlope)
-    assert slope == 0.0005
+    ds0 = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert float(ds0.RescaleSlope) == 0.5 and ds0.RescaleType == "PPB"  # ppb after the Modality LUT
+    slope = ds0.RealWorldValueMappingSequence[0].RealWorldValueSlope
+    assert slope == 0.0005  # ppm per stored unit
     err = np.abs(chi - known_chi())
     assert err.max() <= slope / 2 + 1e-9, err.max()
     assert err.max() > 0  # it really was quantised (the test would notice float storage)
@@ -77,12 +80,15 @@ def test_headers_link_to_the_source(gre, written):
             src0.PatientID, str(src0.PatientName), src0.PatientBirthDate)
         assert ds.AccessionNumber == src0.AccessionNumber
         assert ds.Manufacturer == "CMB-QSM open source" and ds.SoftwareVersions == "1.0.0"
-        assert ds.SeriesDescription == "QSM STAR-QSM (ppm)" and ds.SeriesNumber == 900
+        assert ds.SeriesDescription == "QSM STAR-QSM (ppb)" and ds.SeriesNumber == 900
         assert ds.BurnedInAnnotation == "NO"
-        assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (0.0, 0.4)
+        # -0.3..+0.5 ppm for the default LINEAR function, in ppb: c - 0.5 -+ (w - 1) / 2 = -300, 500
+        assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (100.5, 801.0)
+        assert "VOILUTFunction" not in ds  # OHIF 3.13 mishandles LINEAR_EXACT
+        assert WINDOW_PPM == QSM_WINDOW_PPM == (-0.3, 0.5)  # the series looks like the key images
         assert float(ds.RescaleIntercept) == 0.0 and ds.PixelRepresentation == 1
         rwvm = ds.RealWorldValueMappingSequence[0]
-        assert rwvm.RealWorldValueSlope == float(ds.RescaleSlope)
+        assert rwvm.RealWorldValueSlope * 1000 == float(ds.RescaleSlope)
         assert rwvm.MeasurementUnitsCodeSequence[0].CodeValue == "ppm"
         assert (ds.ContentDate, ds.ContentTime[:6]) == ("20250304", "102030")
         assert vol.phase_series_uid in ds.DerivationDescription
@@ -158,7 +164,22 @@ def test_simpleitk_reads_geometry_and_rescaled_values(gre, written):
     np.testing.assert_allclose(img.GetSpacing(), g.spacing, atol=1e-5)
     np.testing.assert_allclose(np.array(img.GetDirection()).reshape(3, 3), g.direction, atol=1e-6)
     arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).astype(np.float64)
-    assert np.abs(arr - known_chi()).max() <= 0.0005 / 2 + 1e-6
+    assert np.abs(arr - 1000 * known_chi()).max() <= 0.5 / 2 + 1e-3  # SimpleITK applies the ppb Modality LUT
+
+
+def test_a_series_rescaled_in_ppm_reads_as_ppm(written, tmp_path):
+    """A map whose Modality LUT is in ppm (a scanner's, or ours before the ppb change) is read as ppm;
+    mixing ppb and ppm slices is refused."""
+    paths, _ = written
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.RescaleSlope, ds.RescaleType = "0.0005", "US"
+        ds.save_as(tmp_path / p.name)
+    chi, _ = read_qsm_series(tmp_path)
+    assert np.abs(chi - known_chi()).max() <= 0.0005 / 2 + 1e-9
+    shutil.copy(paths[0], tmp_path / paths[0].name)
+    with pytest.raises(DicomInputError, match="mixes RescaleType PPB"):
+        read_qsm_series(tmp_path)
 
 
 def test_large_values_widen_the_slope_instead_of_clipping(gre, tmp_path):
@@ -166,7 +187,8 @@ def test_large_values_widen_the_slope_instead_of_clipping(gre, tmp_path):
     chi = known_chi() * 40.0  # +-60 ppm: beyond the +-16.38 ppm of the default slope
     chi[0, 0, 0] = np.nan
     assert choose_slope(chi) == 0.002
-    write_qsm_series(chi, vol, tmp_path, method="TKD", algorithm_version="1.0.0")
+    paths = write_qsm_series(chi, vol, tmp_path, method="TKD", algorithm_version="1.0.0")
+    assert float(pydicom.dcmread(paths[0], stop_before_pixels=True).RescaleSlope) == 2.0  # ppb
     back, _ = read_qsm_series(tmp_path)
     assert back[0, 0, 0] == 0.0
     finite = np.isfinite(chi)
