@@ -126,3 +126,18 @@ def test_pipeline_dispatch_and_refusal():
     assert set(results["lbv"].timings_s) == {"mask", "unwrap", "echo_fit", "lbv", "star", "total"}
     assert np.array_equal(results["lbv"].eroded_mask, results["vsharp"].eroded_mask)
     assert not np.array_equal(results["lbv"].local_field_ppm, results["vsharp"].local_field_ppm)
+
+
+def test_cli_option_and_env(monkeypatch, capsys):
+    from app.__main__ import _parse
+
+    monkeypatch.delenv("CMB_BG_METHOD", raising=False)
+    assert _parse(["-i", "x", "-o", "y"]).bg_method == "vsharp"
+    assert _parse(["-i", "x", "-o", "y", "--bg-method", "lbv"]).bg_method == "lbv"
+    monkeypatch.setenv("CMB_BG_METHOD", "pdf")
+    assert _parse(["-i", "x", "-o", "y"]).bg_method == "pdf"
+    monkeypatch.setenv("CMB_BG_METHOD", "sharp")
+    with pytest.raises(SystemExit) as exc:
+        _parse(["-i", "x", "-o", "y"])
+    assert exc.value.code == 2
+    assert "CMB_BG_METHOD must be vsharp, pdf or lbv, got 'sharp'" in capsys.readouterr().err
