@@ -45,7 +45,16 @@ from core.qsm.vsharp import vsharp
 log = logging.getLogger(__name__)
 
 MIN_VOXELS_PER_AXIS = 16
-BG_METHODS = ("vsharp", "pdf", "lbv")  # background field removal: core.qsm.vsharp / pdf / lbv
+# Background field removal: core.qsm.vsharp / pdf / lbv (reconstruct(bg_method=...), app --bg-method).
+# Validation (bench/results/bgremove.json; qsm-forward simple phantom 3 T + 7 T, simulator seeds
+# 4101-4103 1.5 mm; whole chain with STAR, only this step changed; QSM-CI metrics), mean local-field
+# / chi nRMSE %, chi HFEN %: qsm-forward V-SHARP 41.6 / 32.0 / 29.9, PDF 30.5 / 23.9 / 16.9, LBV
+# 20.6 / 16.4 / 12.6; simulator V-SHARP 56.5 / 59.1 / 43.7, PDF 54.4 / 58.3 / 41.6, LBV 56.1 / 55.9 /
+# 40.0. LBV has the best chi on every case, at V-SHARP's cost in time. V-SHARP stays the default
+# for now only because the detection models (models/*.pt) were trained on V-SHARP QSM
+# (training/dataset.py calls reconstruct with the defaults): switching changes what they see, so the
+# switch belongs with a retrain and an end-to-end detection check (bench/end_to_end.py).
+BG_METHODS = ("vsharp", "pdf", "lbv")
 CROP_MARGIN_MM = 6.0  # margin kept around the brain mask's bounding box after masking
 # V-SHARP gets the brain mask without the dark voxels of its outermost layer: where a magnitude
 # mask's boundary voxels are partial-volumed with bone / dura (last-echo magnitude, where bone's
