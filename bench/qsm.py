@@ -11,8 +11,8 @@ vendor DICOM (:func:`training.sim.dicom_writer.write_study`) and read back with
 Metrics (definitions in :mod:`core.qsm.metrics`), per subject and method:
 
 * step "mask": Dice of the chain's brain mask against the simulated brain mask;
-* step "local field": nRMSE (%) of the local field (V-SHARP, or --bg-method) against the true local field (forward
-  field of the true susceptibility inside the eroded mask) over the eroded mask;
+* step "local field": nRMSE (%) of the local field (V-SHARP, or ``--bg-method``) against the true
+  local field (forward field of the true susceptibility inside the eroded mask) over the eroded mask;
 * end to end, over (eroded mask & true brain mask): nRMSE (%), HFEN (%), XSIM; deep grey matter
   mean susceptibility per structure (recon and truth, both referenced to their mean over that mask);
   microbleed contrast recovery (lesions >= 3 mm: mean recon / mean truth in the sphere); calcification
