@@ -19,8 +19,8 @@ Solver: with ``f_b = u + g`` (``g`` = ``f`` on G, 0 elsewhere; ``u`` unknown on 
 the symmetric positive definite system ``-lap_I u = lap g`` restricted to I, solved matrix-free by
 conjugate gradients (the paper uses full multigrid; CG reaches the same solution, only slower: it
 needs O(n) iterations for n voxels across, each a cheap stencil). Nested iteration makes it fast:
-the problem is first solved on a grid coarsened 2x (recursively, while the interior has >= 4096
-voxels), and the prolonged coarse solution starts the fine CG, so the fine level only removes
+the problem is first solved on a grid coarsened 2x (recursively, while the coarse interior would
+keep >= MIN_COARSE_VOXELS = 4096 voxels), and the prolonged coarse solution starts the fine CG, so the fine level only removes
 the short-wavelength error (a two-level "full multigrid"-style start without smoothing cycles).
 CG stops at ``tol`` relative residual or ``max_iter`` iterations per level (hard bound,
 deterministic). Runs in torch float32 on ``device``.

@@ -14,9 +14,9 @@ squares (paper eq. 4)::
 :func:`core.physics.dipole_kernel`), ``W`` a data weight (the mask by default, or the caller's
 per-voxel reliability, e.g. inverse noise; MEDI's ``N_std``). Because local sources have fields that
 extend outside ``M`` and background fields are not exactly orthogonal to them, PDF keeps a little
-background near the mask edge and removes a little local field; what it keeps that V-SHARP loses is
-the mask's outer rim and the long-wavelength local field (V-SHARP's deconvolution drops it, see
-core.qsm.vsharp).
+background near the mask edge and removes a little local field (most where local sources lie near
+the edge). It has no SHARP-type deconvolution, so it does not drop the long-wavelength local field
+that V-SHARP's truncated deconvolution loses (see core.qsm.vsharp).
 
 (1) is solved by conjugate gradients on the normal equations (CGNR)::
 
