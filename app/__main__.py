@@ -1,5 +1,6 @@
 """Command line: ``python -m app -i IN -o OUT [-m MODELS] [--phase-flip] [--qsm-method star|tkd]
-[--device auto|cpu|cuda] [--no-input-copies]``, or ``--job-from-stdin`` instead of ``-i``/``-o``.
+[--bg-method vsharp|pdf|lbv] [--device auto|cpu|cuda] [--no-input-copies]``, or ``--job-from-stdin``
+instead of ``-i``/``-o``.
 
 Paths fall back to the MONAI Deploy environment variables ``HOLOSCAN_INPUT_PATH``,
 ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``. Exit status: 0 success; 2 unusable input or
@@ -75,6 +76,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="negate the phase (for scanners whose phase polarity is opposite; env CMB_PHASE_FLIP)")
     p.add_argument("--qsm-method", choices=("star", "tkd"), default=os.environ.get("CMB_QSM_METHOD", "star"),
                    help="dipole inversion: STAR-QSM (default) or the TKD baseline (env CMB_QSM_METHOD)")
+    p.add_argument("--bg-method", choices=("vsharp", "pdf", "lbv"), default=os.environ.get("CMB_BG_METHOD", "vsharp"),
+                   help="background field removal: V-SHARP (default), PDF or LBV (env CMB_BG_METHOD; "
+                        "bench/results/bgremove.json compares them)")
     p.add_argument("--device", default=os.environ.get("CMB_DEVICE", "auto"),
                    help="torch device for the QSM FFTs and the networks: auto (CUDA when present), cpu, "
                         "cuda or cuda:N (env CMB_DEVICE)")
@@ -86,7 +90,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="import everything, then read the job as one JSON line {\"input\": DIR, \"output\": DIR} "
                         "on stdin (the DICOM node starts the app ahead of its job this way); exit 0 at end-of-file")
     p.add_argument("-l", "--log-level", default=os.environ.get("HOLOSCAN_LOG_LEVEL", "WARN"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bg_method not in ("vsharp", "pdf", "lbv"):  # argparse does not check a default from the env
+        p.error(f"CMB_BG_METHOD must be vsharp, pdf or lbv, got {args.bg_method!r}")
+    return args
 
 
 def _warm_imports() -> None:
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.log_level.upper() == "DEBUG"
     stage = StagedOutput(Path(args.output))
     config = AppConfig(Path(args.input), stage.path, args.model, args.phase_flip, args.qsm_method,
-                       input_copies=args.input_copies, device=device)
+                       input_copies=args.input_copies, device=device, bg_method=args.bg_method)
     fd, log_name = tempfile.mkstemp(prefix="cmb-app-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)

@@ -54,6 +54,7 @@ class AppConfig:
     qsm_method: str = "star"
     input_copies: bool = True  # magnitude.nii.gz / phase.nii.gz for researchers
     device: str = "cpu"  # torch device of the QSM FFTs and the networks (core.device.select_device)
+    bg_method: str = "vsharp"  # background field removal (core.qsm.pipeline.BG_METHODS)
 
 
 class CMBApp(Application):
@@ -71,7 +72,8 @@ class CMBApp(Application):
         det_version = detection_version(cfg.model_dir)  # findings and reports name the models
         load = GREStudyLoaderOperator(self, CountCondition(self, 1), input_folder=cfg.input_dir, name="load")
         select = GRESeriesSelectorOperator(self, phase_flip=cfg.phase_flip, name="select")
-        qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, device=cfg.device, name="qsm")
+        qsm = QSMReconstructionOperator(self, method=cfg.qsm_method, device=cfg.device,
+                                        bg_method=cfg.bg_method, name="qsm")
         qsm_out = QSMWriterOperator(self, output_folder=out, algorithm_version=version, name="qsm_writer")
         detect = CMBDetectorOperator(self, algorithm_version=det_version, model_dir=cfg.model_dir,
                                      device=cfg.device, name="detect")

@@ -1,6 +1,7 @@
 """QSM accuracy benchmark on simulated subjects: TKD and STAR-QSM chains side by side.
 
     python -m bench.qsm [--voxel-mm 1.5] [--out bench/results/qsm.json] [--subjects 6]
+                        [--bg-method vsharp|pdf|lbv]
 
 Each subject is simulated (:func:`training.sim.phantom.simulate_subject`, fixed seeds), written as
 vendor DICOM (:func:`training.sim.dicom_writer.write_study`) and read back with
@@ -10,8 +11,8 @@ vendor DICOM (:func:`training.sim.dicom_writer.write_study`) and read back with
 Metrics (definitions in :mod:`core.qsm.metrics`), per subject and method:
 
 * step "mask": Dice of the chain's brain mask against the simulated brain mask;
-* step "local field": nRMSE (%) of the V-SHARP local field against the true local field (forward
-  field of the true susceptibility inside the eroded mask) over the eroded mask;
+* step "local field": nRMSE (%) of the local field (V-SHARP, or ``--bg-method``) against the true
+  local field (forward field of the true susceptibility inside the eroded mask) over the eroded mask;
 * end to end, over (eroded mask & true brain mask): nRMSE (%), HFEN (%), XSIM; deep grey matter
   mean susceptibility per structure (recon and truth, both referenced to their mean over that mask);
   microbleed contrast recovery (lesions >= 3 mm: mean recon / mean truth in the sphere); calcification
@@ -36,7 +37,7 @@ import torch
 from core import physics
 from core.dicom.reader import load_gre
 from core.qsm import metrics as M
-from core.qsm.pipeline import reconstruct
+from core.qsm.pipeline import BG_METHODS, reconstruct
 from training.sim.dicom_writer import write_study
 from training.sim.phantom import DEFAULT_ECHO_TIMES_S, SINGLE_ECHO_TIME_S, simulate_subject
 
@@ -114,7 +115,7 @@ def evaluate(study, res, true_local: np.ndarray | None = None) -> dict:
     return out
 
 
-def run_subject(entry: dict, voxel_mm: float, workdir: Path) -> dict:
+def run_subject(entry: dict, voxel_mm: float, workdir: Path, bg_method: str = "vsharp") -> dict:
     echoes = list(DEFAULT_ECHO_TIMES_S) if entry["echoes"] > 1 else [SINGLE_ECHO_TIME_S]
     t = time.perf_counter()
     study = simulate_subject(entry["id"], entry["seed"], voxel_mm=(voxel_mm,) * 3, tilt_deg=entry["tilt_deg"],
@@ -130,7 +131,7 @@ def run_subject(entry: dict, voxel_mm: float, workdir: Path) -> dict:
     true_local = None
     for m in METHODS:
         res = reconstruct(vol.magnitude, vol.phase_rad, vol.echo_times_s, vol.field_strength_t,
-                          vol.geometry, method=m)
+                          vol.geometry, method=m, bg_method=bg_method)
         if true_local is None:
             em = res.eroded_mask
             true_local = physics.forward_field_ppm(np.where(em, study.chi_ppm, 0).astype(np.float32),
@@ -196,20 +197,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--subjects", type=int, default=len(COHORT))
     ap.add_argument("--out", type=Path, default=Path("bench/results/qsm.json"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bg-method", choices=BG_METHODS, default="vsharp",
+                    help="background field removal of both chains (bench/bgremove.py compares them)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     subjects = []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in COHORT[: a.subjects]:
-            subjects.append(run_subject(entry, a.voxel_mm, Path(tmp)))
+            subjects.append(run_subject(entry, a.voxel_mm, Path(tmp), a.bg_method))
             print(f"{entry['id']} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     summary = summarise(subjects)
     result = {
         "simulated": True,
         "description": "QSM accuracy on simulated subjects through vendor DICOM; TKD and STAR-QSM in the same run",
         "command": "python -m bench.qsm " + " ".join(argv or []),
-        "voxel_mm": a.voxel_mm, "torch_threads": a.threads, "host": platform.node(),
+        "voxel_mm": a.voxel_mm, "bg_method": a.bg_method, "torch_threads": a.threads, "host": platform.node(),
         "load_average_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
         "metric_definitions": "core/qsm/metrics.py (QSM-CI 0.6.2 nRMSE/HFEN/XSIM, checked against the package); evaluation mask = eroded mask & true brain mask",
         "subjects": subjects, **summary, "wall_s": _r(time.perf_counter() - t0, 1),

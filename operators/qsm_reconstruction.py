@@ -14,16 +14,20 @@ from __future__ import annotations
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from core import progress
-from core.qsm.pipeline import reconstruct
+from core.qsm.pipeline import BG_METHODS, reconstruct
 
 
 class QSMReconstructionOperator(Operator):
     """``gre`` (GREVolume) -> ``qsm`` (QSMResult); ``gre`` is passed through for later steps."""
 
-    def __init__(self, fragment: Fragment, *args, method: str = "star", device: str = "cpu", **kwargs) -> None:
+    def __init__(self, fragment: Fragment, *args, method: str = "star", device: str = "cpu",
+                 bg_method: str = "vsharp", **kwargs) -> None:
         if method not in ("star", "tkd"):
             raise ValueError(f"QSM method must be 'star' or 'tkd', got {method!r}")
+        if bg_method not in BG_METHODS:
+            raise ValueError(f"background removal must be one of {', '.join(BG_METHODS)}, got {bg_method!r}")
         self.method = method
+        self.bg_method = bg_method
         self.device = device
         super().__init__(fragment, *args, **kwargs)
 
@@ -40,6 +44,7 @@ class QSMReconstructionOperator(Operator):
             op_output.emit(gre.precomputed_qsm, "qsm")
             return
         qsm = reconstruct(gre.magnitude, gre.phase_rad, gre.echo_times_s, gre.field_strength_t,
-                          gre.geometry, method=self.method, device=self.device)
+                          gre.geometry, method=self.method, device=self.device,
+                          bg_method=self.bg_method)
         op_output.emit(gre, "gre")
         op_output.emit(qsm, "qsm")

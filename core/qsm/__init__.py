@@ -1,4 +1,5 @@
-"""QSM reconstruction as plain functions: mask -> Laplacian unwrap -> echo fit -> V-SHARP -> STAR-QSM.
+"""QSM reconstruction as plain functions: mask -> Laplacian unwrap -> echo fit -> V-SHARP (or PDF, LBV)
+-> STAR-QSM.
 
 Every step is written by hand here because no permissively licensed Python library implements it
 (STI Suite and its unofficial port are academic-only, qsm-forward is GPL-3.0, QSM.jl / QSM.rs are

@@ -5,7 +5,8 @@ V-SHARP -> STAR-QSM (or TKD), as one function on numpy arrays.
     phase --echo_fit.remove_phase_offset (>= 2 echoes)--> echo-1-referenced phase differences
           --unwrap.path_unwrap (first difference) + echo_fit.temporal_unwrap (later ones)-->
           unwrapped phase, frequency (weighted LS fit), fit residual --> total field (ppm)
-    total field --vsharp.vsharp on reliable_mask--> local field (ppm), eroded mask
+    total field --vsharp.vsharp (or pdf.pdf, lbv.lbv: bg_method) on reliable_mask--> local field (ppm),
+          eroded mask
     (unwrap_method="wrapped_diff"/"sincos": the former Laplacian unwrapping of every echo)
     local field --star.star_qsm | tkd.tkd--> chi (ppm)
 
@@ -33,7 +34,9 @@ from core.qsm._fft import mask_bbox, pad_voxels_for
 from core.physics import phase_to_field_ppm
 from core.qsm.echo_fit import (echo1_consistency, fit_field_ppm, fit_residual_rad, remove_phase_offset,
                                temporal_unwrap)
+from core.qsm.lbv import lbv
 from core.qsm.mask import _distance_inside, brain_mask, erode_mask
+from core.qsm.pdf import pdf
 from core.qsm.star import star_qsm
 from core.qsm.tkd import tkd
 from core.qsm.unwrap import laplacian_unwrap, path_unwrap
@@ -42,6 +45,16 @@ from core.qsm.vsharp import vsharp
 log = logging.getLogger(__name__)
 
 MIN_VOXELS_PER_AXIS = 16
+# Background field removal: core.qsm.vsharp / pdf / lbv (reconstruct(bg_method=...), app --bg-method).
+# Validation (bench/results/bgremove.json; qsm-forward simple phantom 3 T + 7 T, simulator seeds
+# 4101-4103 1.5 mm; whole chain with STAR, only this step changed; QSM-CI metrics), mean local-field
+# / chi nRMSE %, chi HFEN %: qsm-forward V-SHARP 41.6 / 32.0 / 29.9, PDF 30.5 / 23.9 / 16.9, LBV
+# 20.6 / 16.4 / 12.6; simulator V-SHARP 56.5 / 59.1 / 43.7, PDF 54.4 / 58.3 / 41.6, LBV 56.1 / 55.9 /
+# 40.0. LBV has the best chi on every case, at V-SHARP's cost in time. V-SHARP stays the default
+# for now only because the detection models (models/*.pt) were trained on V-SHARP QSM
+# (training/dataset.py calls reconstruct with the defaults): switching changes what they see, so the
+# switch belongs with a retrain and an end-to-end detection check (bench/end_to_end.py).
+BG_METHODS = ("vsharp", "pdf", "lbv")
 CROP_MARGIN_MM = 6.0  # margin kept around the brain mask's bounding box after masking
 # V-SHARP gets the brain mask without the dark voxels of its outermost layer: where a magnitude
 # mask's boundary voxels are partial-volumed with bone / dura (last-echo magnitude, where bone's
@@ -215,6 +228,7 @@ def reconstruct(
     device=None,
     unwrap_method: str = "temporal",
     remove_offset: bool = True,
+    bg_method: str = "vsharp",
 ) -> QSMResult:
     """Run the whole chain. ``magnitude``/``phase_rad`` are ``[e, i, j, k]`` (3-D means one echo).
 
@@ -223,6 +237,8 @@ def reconstruct(
     (shortest) echo difference inside the mask, temporal unwrapping of the later ones
     (core.qsm.echo_fit.temporal_unwrap), background removal on ``reliable_mask``; ``"wrapped_diff"``
     or ``"sincos"``: Laplacian unwrapping of every echo (the former chain).
+    ``bg_method``: background field removal, ``"vsharp"`` (default), ``"pdf"`` or ``"lbv"``; all three
+    return the same eroded mask (the reliable mask less one voxel layer); the timing is keyed by it.
 
     Raises:
         ReconstructionError: unusable input (shapes, echo count, NaN or constant phase, too small).
@@ -231,6 +247,8 @@ def reconstruct(
         raise ValueError(f"unwrap_method must be temporal, wrapped_diff or sincos, got {unwrap_method!r}")
     if method not in ("star", "tkd"):
         raise ValueError(f"method must be 'star' or 'tkd', got {method!r}")
+    if bg_method not in BG_METHODS:
+        raise ValueError(f"bg_method must be one of {', '.join(BG_METHODS)}, got {bg_method!r}")
     mag = np.asarray(magnitude, dtype=np.float32)
     ph = np.asarray(phase_rad, dtype=np.float32)
     if mag.ndim == 3 and ph.ndim == 3:
@@ -292,8 +310,14 @@ def reconstruct(
             total = inpaint_harmonic(total, holes)
     else:
         vmask = trim_dark_edge(mask_box, mag[-1], spacing)  # last echo: bone partial volume darkest
-    local, eroded = vsharp(np.where(vmask, total, 0.0), vmask, spacing, device=device)
-    timings["vsharp"] = time.perf_counter() - t
+    field_in = np.where(vmask, total, 0.0)
+    if bg_method == "pdf":
+        local, eroded = pdf(field_in, vmask, spacing, b0, device=device)
+    elif bg_method == "lbv":
+        local, eroded = lbv(field_in, vmask, spacing, device=device)
+    else:
+        local, eroded = vsharp(field_in, vmask, spacing, device=device)
+    timings[bg_method] = time.perf_counter() - t
 
     t = time.perf_counter()
     if method == "star":
