@@ -287,7 +287,7 @@ def _ppm_mapping(slope: float) -> pydicom.Dataset:
     item.LUTExplanation = "Magnetic susceptibility (QSM)"
     item.LUTLabel = "QSM_PPM"
     unit = pydicom.Dataset()
-    unit.CodeValue = "ppm"
+    unit.CodeValue = "[ppm]"  # UCUM: the bracketed arbitrary unit (as the SR uses, core.report.codes.UNIT_PPM)
     unit.CodingSchemeDesignator = "UCUM"
     unit.CodeMeaning = "parts per million"
     item.MeasurementUnitsCodeSequence = DicomSequence([unit])

@@ -89,7 +89,7 @@ def test_headers_link_to_the_source(gre, written):
         assert float(ds.RescaleIntercept) == 0.0 and ds.PixelRepresentation == 1
         rwvm = ds.RealWorldValueMappingSequence[0]
         assert rwvm.RealWorldValueSlope * 1000 == float(ds.RescaleSlope)
-        assert rwvm.MeasurementUnitsCodeSequence[0].CodeValue == "ppm"
+        assert rwvm.MeasurementUnitsCodeSequence[0].CodeValue == "[ppm]"
         assert (ds.ContentDate, ds.ContentTime[:6]) == ("20250304", "102030")
         assert vol.phase_series_uid in ds.DerivationDescription
         assert "STAR-QSM" in ds.DerivationDescription
