@@ -54,15 +54,8 @@ from core.detect import DetectionError
 Mode = Literal["bright", "dark", "both"]
 
 
-def _frst_on_axes(
-    volume: np.ndarray,
-    spacing: Sequence[float],
-    radii: Sequence[float],
-    axes: Sequence[int],
-    alpha: float,
-    beta: float,
-    mode: Mode,
-) -> np.ndarray:
+def _frst_on_axes(volume: np.ndarray, spacing: Sequence[float], radii: Sequence[float],
+                  axes: Sequence[int], alpha: float, beta: float, mode: Mode) -> np.ndarray:
     """FRST of ``volume`` with votes and gradients restricted to ``axes`` (all other axes index
     independent planes/lines). Radii and spacing are in the same physical unit."""
     return _frst_on_axes_signed(volume, spacing, radii, axes, alpha, beta, mode, (1,))[0]

@@ -312,19 +312,13 @@ def _compare(a: _Stack, b: _Stack) -> tuple[int, str | None]:
     for s in (a, b):
         if s.error:
             return 4, s.error
-    if _is_phase_difference(a, b):
-        if a.n_slices != b.n_slices:
-            return 7, f"missing slice: {a.name} has {a.n_slices} slices per echo, {b.name} has {b.n_slices}"
-        shift = float(np.max(np.linalg.norm(a.positions() - b.positions(), axis=1)))
-        if shift > _POS_TOL_MM:
-            return 8, f"slice positions differ by up to {shift:.3g} mm between {a.name} and {b.name}"
-        return len(_STAGES), None
-    if len(a.echoes) != len(b.echoes):
-        return 5, f"echo count differs: {a.name} has {len(a.echoes)} echoes, {b.name} has {len(b.echoes)}"
-    ta = np.array([e.te_ms for e in a.echoes])
-    tb = np.array([e.te_ms for e in b.echoes])
-    if np.max(np.abs(ta - tb)) > _TE_TOL_MS:
-        return 6, f"echo times differ: {a.name} {ta.tolist()} ms, {b.name} {tb.tolist()} ms"
+    if not _is_phase_difference(a, b):  # a phase-difference map has one phase echo, at TE2
+        if len(a.echoes) != len(b.echoes):
+            return 5, f"echo count differs: {a.name} has {len(a.echoes)} echoes, {b.name} has {len(b.echoes)}"
+        ta = np.array([e.te_ms for e in a.echoes])
+        tb = np.array([e.te_ms for e in b.echoes])
+        if np.max(np.abs(ta - tb)) > _TE_TOL_MS:
+            return 6, f"echo times differ: {a.name} {ta.tolist()} ms, {b.name} {tb.tolist()} ms"
     if a.n_slices != b.n_slices:
         return 7, f"missing slice: {a.name} has {a.n_slices} slices per echo, {b.name} has {b.n_slices}"
     shift = float(np.max(np.linalg.norm(a.positions() - b.positions(), axis=1)))

@@ -129,8 +129,6 @@ def lbv(
         ReconstructionError: wrong shapes, non-finite field, empty or too small mask.
     """
     f_np, m_np = _check(total_field_ppm, mask, spacing_mm, None)
-    if not m_np.any():
-        raise ReconstructionError("brain mask is empty; nothing to remove the background from")
     eroded = edge_eroded(m_np, spacing_mm)
     dev = resolve_device(device)
     box = mask_bbox(m_np, (1, 1, 1))

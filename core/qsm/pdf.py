@@ -72,6 +72,8 @@ def _check(total_field_ppm: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[f
     if len(spacing_mm) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing_mm):
         raise ReconstructionError(f"voxel size must be three positive numbers, got {tuple(spacing_mm)}")
     m = m.astype(bool)
+    if not m.any():
+        raise ReconstructionError("brain mask is empty; nothing to remove the background from")
     if not np.all(np.isfinite(f[m])):
         raise ReconstructionError("total field contains NaN or infinite values inside the mask")
     if weights is not None and np.asarray(weights).shape != f.shape:
@@ -118,8 +120,6 @@ def pdf(
         ReconstructionError: wrong shapes, non-finite field, empty or too small mask.
     """
     f_np, m_np = _check(total_field_ppm, mask, spacing_mm, weights)
-    if not m_np.any():
-        raise ReconstructionError("brain mask is empty; nothing to remove the background from")
     eroded = edge_eroded(m_np, spacing_mm)
     dev = resolve_device(device)
     box = mask_bbox(m_np, (0, 0, 0))
