@@ -450,16 +450,19 @@ def _stack_values(stack: _Stack) -> np.ndarray:
     """Rescaled float64 ``[echo, i, j, k]`` (per-frame RescaleSlope/Intercept applied)."""
     n_e, n_k = len(stack.echoes), stack.n_slices
     f0 = stack.first
-    out = np.empty((n_e, f0.columns, f0.rows, n_k), dtype=np.float64)
+    # filled slice by slice in acquisition layout [e, k, row, column] (contiguous writes), then
+    # transposed to [e, i, j, k] once: writing each slice into the last axis strides through memory
+    out = np.empty((n_e, n_k, f0.rows, f0.columns), dtype=np.float64)
     for e, echo in enumerate(stack.echoes):
         for k, f in enumerate(echo.frames):
-            px = np.asarray(f.pixels(), dtype=np.float64)
+            px = f.pixels()
             if px.shape != (f0.rows, f0.columns):
                 raise DicomInputError(
                     f"pixel data of instance {f.sop_instance_uid} is {px.shape}, header says {f0.rows}x{f0.columns}"
                 )
-            out[e, :, :, k] = (px * f.rescale_slope + f.rescale_intercept).T
-    return out
+            np.multiply(px, f.rescale_slope, out=out[e, k], dtype=np.float64)
+            out[e, k] += f.rescale_intercept
+    return np.ascontiguousarray(out.transpose(0, 3, 2, 1))
 
 
 def _patient_and_sources(first, first_echo: list) -> tuple[dict, list]:
