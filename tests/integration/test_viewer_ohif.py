@@ -187,10 +187,16 @@ def test_qsm_renders_with_its_window(viewer) -> None:
                    "vp.getImageIds() : []); const r=vp && vp.getProperties().voiRange; return r && ids.length "
                    "&& ids[0].includes(arguments[0]) ? r : null", 90, _series_uid(viewer, "QSM"))
     assert voi["lower"] == pytest.approx(-300, abs=1) and voi["upper"] == pytest.approx(500, abs=1)
-    time.sleep(3)
-    px = _viewport_pixels(d)
-    h, w = px.shape
-    brain = px[int(0.3 * h):int(0.7 * h), int(0.4 * w):int(0.6 * w)]  # inside the head on every slice
+    # the viewport may still be blank (black) when its VOI is set: poll the drawn pixels (a fresh
+    # clone's first render took longer than a fixed 3 s wait); the old flat rendering never passes
+    deadline = time.monotonic() + 60
+    while True:
+        px = _viewport_pixels(d)
+        h, w = px.shape
+        brain = px[int(0.3 * h):int(0.7 * h), int(0.4 * w):int(0.6 * w)]  # inside the head on every slice
+        if (brain.std() > 2 and len(np.unique(brain)) > 20) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert brain.std() > 2 and len(np.unique(brain)) > 20, (brain.mean(), brain.std())
     assert 20 < brain.mean() < 235  # tissue near 0 ppm sits mid-grey, neither black nor white
     d.save_screenshot(str(SHOTS / "qsm.png"))
