@@ -539,7 +539,7 @@ def load_nifti_qsm(folder: Path) -> GREVolume:
     if mask.shape != shape or not mask.any():
         raise NiftiInputError("the brain mask is empty or not on the QSM grid")
     gre.precomputed_qsm = QSMResult(chi, mask, mask, None, None, {"total": 0.0},
-                                    method="precomputed", reference=f"as provided ({qsm_files[0].name})")
+                                    method="precomputed", background="", reference=f"as provided ({qsm_files[0].name})")
     return gre
 
 

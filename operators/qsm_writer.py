@@ -23,6 +23,7 @@ from core.nifti import save_nifti
 from operators._writer import OutputWriterOperator
 
 METHOD_NAMES = {"star": "STAR-QSM", "tkd": "TKD"}
+BACKGROUND_NAMES = {"vsharp": "V-SHARP", "pdf": "PDF", "lbv": "LBV"}
 
 
 def write_qsm_outputs(gre, qsm, out_dir: Path, algorithm_version: str) -> list[Path]:
@@ -39,7 +40,8 @@ def write_qsm_outputs(gre, qsm, out_dir: Path, algorithm_version: str) -> list[P
         paths += write_source_series(gre, out_dir / "dicom" / "source")
     if qsm.method in METHOD_NAMES:
         paths += write_qsm_series(qsm.chi_ppm, gre, out_dir / "dicom" / "qsm",
-                                  method=METHOD_NAMES[qsm.method], algorithm_version=algorithm_version)
+                                  method=METHOD_NAMES[qsm.method], algorithm_version=algorithm_version,
+                                  background=BACKGROUND_NAMES.get(qsm.background, "V-SHARP"))
     return paths
 
 

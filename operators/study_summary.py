@@ -37,6 +37,8 @@ def write_study_summary(gre: GREVolume, out_dir: Path, qsm=None, findings=None, 
     if qsm is not None:
         summary["qsm"] = {
             "method": qsm.method,
+            "background_removal": qsm.background or None,
+            "unwrap_corrected_voxels": int(qsm.unwrap_corrected_voxels),
             "reference": qsm.reference,
             "brain_volume_ml": round(float(qsm.mask.sum()) * gre.geometry.voxel_volume_mm3 / 1000.0, 1),
             "seconds": {k: round(float(v), 3) for k, v in qsm.timings_s.items()},

@@ -140,6 +140,7 @@ def write_qsm_series(
     *,
     method: str,
     algorithm_version: str,
+    background: str = "V-SHARP",
     series_number: int = 900,
     content_datetime: _dt.datetime | None = None,
 ) -> list[Path]:
@@ -150,6 +151,9 @@ def write_qsm_series(
         gre: the acquisition the map was computed from (geometry, study, patient, source images).
         out_dir: folder to write into (created); files are ``QSM_<method>_<k+1:04d>.dcm``.
         method: reconstruction method, ``"STAR-QSM"`` or ``"TKD"``.
+        background: the background field removal before it (``"V-SHARP"``, ``"PDF"``, ``"LBV"``),
+            named in DerivationDescription; a non-default one is part of the UIDs (another map,
+            other instances).
         algorithm_version: the product's algorithm version; goes into SoftwareVersions and the UIDs.
         series_number: SeriesNumber of the result series.
         content_datetime: ContentDate/Time, SeriesDate/Time and InstanceCreation; now if ``None``.
@@ -174,7 +178,7 @@ def write_qsm_series(
     if not for_uid:
         raise ValueError("the GRE volume has no FrameOfReferenceUID: the map could not be placed on the source")
 
-    kind = f"QSM {method}"
+    kind = f"QSM {method}" + ("" if background == "V-SHARP" else f" {background}")
     series_uid = result_series_uid(study_uid, source_series, kind, algorithm_version)
     when = content_datetime or _dt.datetime.now()
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
@@ -218,7 +222,8 @@ def write_qsm_series(
         if kw not in base:
             setattr(base, kw, default)
     base.DerivationDescription = (
-        f"Quantitative susceptibility map (pixel values in ppb) by {method}, {MANUFACTURER} {algorithm_version}, "
+        f"Quantitative susceptibility map (pixel values in ppb) by {method} after {background} background "
+        f"field removal, {MANUFACTURER} {algorithm_version}, "
         f"from GRE magnitude series {gre.magnitude_series_uid or source_series}"
         + (f" and phase series {gre.phase_series_uid}" if gre.phase_series_uid else "")
         + f"; {gre.n_echoes} echo(es)"

@@ -101,6 +101,6 @@ def load_qsm_dicom(frames: list) -> GREVolume:
         input_kind="qsm-dicom",
     )
     gre.precomputed_qsm = QSMResult(chi.astype(np.float32), mask, mask, None, None, {"total": 0.0},
-                                    method="precomputed",
+                                    method="precomputed", background="",
                                     reference=f"as provided (series {q0.series_instance_uid})")
     return gre

@@ -105,6 +105,7 @@ class QSMResult:
     method: str = "star"
     reference: str = "mean over eroded mask = 0"
     unwrap_corrected_voxels: int = 0  # core.qsm.echo_fit.echo1_consistency: > 0 flags a one-cycle error
+    background: str = "vsharp"  # background field removal that made local_field_ppm (BG_METHODS); "" if none
 
 
 def _validate(
@@ -338,4 +339,4 @@ def reconstruct(
         log.warning("unwrapping: %d voxels of the first echo difference were one or more cycles off "
                     "(a field jump over pi between neighbours) and were corrected from echo 1", unwrap_corrected)
     return QSMResult(full(chi), mask, full(eroded), full(local), full(total), timings, method,
-                     unwrap_corrected_voxels=unwrap_corrected)
+                     unwrap_corrected_voxels=unwrap_corrected, background=bg_method)

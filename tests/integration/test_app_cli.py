@@ -58,6 +58,7 @@ def test_app_reads_every_vendor_as_simulated(cohort: Path, tmp_path: Path):
         # QSM: a map on the source grid, and a derived MR series with one instance per slice
         summary_all = json.loads((out / "summary.json").read_text())
         assert summary_all["qsm"]["method"] == "star" and summary_all["qsm"]["seconds"]["total"] > 0
+        assert summary_all["qsm"]["background_removal"] == "vsharp"  # what made the local field
         qsm = nib.load(out / "qsm.nii.gz")
         assert qsm.shape == tuple(truth["geometry"]["shape"])
         np.testing.assert_allclose(qsm.affine, chi.affine, atol=1e-4)

@@ -130,10 +130,15 @@ def test_other_version_or_method_gives_a_new_series(gre, written, tmp_path):
     first = _uids(paths)
     newer = _uids(write_qsm_series(known_chi(), vol, tmp_path / "v2", method="STAR-QSM", algorithm_version="1.0.1"))
     tkd = _uids(write_qsm_series(known_chi(), vol, tmp_path / "tkd", method="TKD", algorithm_version="1.0.0"))
-    for other in (newer, tkd):
+    lbv_paths = write_qsm_series(known_chi(), vol, tmp_path / "lbv", method="STAR-QSM", algorithm_version="1.0.0",
+                                 background="LBV")
+    lbv = _uids(lbv_paths)
+    for other in (newer, tkd, lbv):
         assert other[0][0] != first[0][0]
         assert not ({u for _, u in other} & {u for _, u in first})
     assert newer[0][0] != tkd[0][0]
+    assert "after LBV background field removal" in pydicom.dcmread(lbv_paths[0]).DerivationDescription
+    assert "after V-SHARP background field removal" in pydicom.dcmread(paths[0]).DerivationDescription
 
 
 @pytest.mark.dicom_tools
