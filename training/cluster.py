@@ -101,6 +101,28 @@ def parse_cluster(spec: str) -> ClusterSpec:
     raise ClusterSpecError(f"--cluster {spec!r}: expected 'local', 'local:N' or 'tcp://HOST:PORT'")
 
 
+def add_cohort_arguments(parser, redo_help: str) -> None:
+    """The options every cohort command shares: ``--cluster``, ``--threads``, ``--redo``,
+    ``--no-progress`` (``training.predict``, ``training.dataset``)."""
+    parser.add_argument("--cluster", default=None, metavar="SPEC",
+                        help="local, local:N or tcp://HOST:PORT (a Dask scheduler); default: in this process")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per subject (default: torch's own here, 1 on a cluster)")
+    parser.add_argument("--redo", action="store_true", help=redo_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def check_cohort_arguments(parser, args) -> None:
+    """``parser.error`` (exit 2, one line) for a bad ``--threads`` or ``--cluster``."""
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.cluster is not None:
+        try:
+            parse_cluster(args.cluster)
+        except ClusterSpecError as exc:
+            parser.error(str(exc))
+
+
 def atomic_write(path: Path | str, write: Callable) -> Path:
     """Call ``write(fh)`` on a temporary file (binary) beside ``path``, then move it onto ``path``.
 

@@ -58,7 +58,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from core.detect.stage1 import FEATURE_NAMES, Stage1Params, detect_candidates
-from training.cluster import ClusterSpecError, atomic_write, parse_cluster, run_subjects, summarise, write_text_atomic
+from training.cluster import (ClusterSpecError, add_cohort_arguments, atomic_write, check_cohort_arguments,
+                              run_subjects, summarise, write_text_atomic)
 
 PATCH_SIZE = 32
 LABELS: tuple[str, ...] = ("other", "cmb", "cmb_duplicate", "calcification", "vessel")
@@ -404,20 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="share of inserted microbleeds placed in the deep grey nuclei (iron background)")
     ap.add_argument("--n-cmb", type=int, default=None, help="microbleeds per subject (default random 0-15)")
     ap.add_argument("--threshold", type=float, default=None, help="override the stage I threshold")
-    ap.add_argument("--cluster", default=None, metavar="SPEC",
-                    help="local, local:N or tcp://HOST:PORT (a Dask scheduler); default: in this process")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per subject (default: torch's own here, 1 on a cluster)")
-    ap.add_argument("--redo", action="store_true", help="build subjects whose shards already exist")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_cohort_arguments(ap, "build subjects whose shards already exist")
     a = ap.parse_args(argv)
-    if a.threads is not None and a.threads < 1:
-        ap.error("--threads must be >= 1")
-    if a.cluster is not None:
-        try:
-            parse_cluster(a.cluster)
-        except ClusterSpecError as exc:
-            ap.error(str(exc))
+    check_cohort_arguments(ap, a)
     echoes: int | str = a.echoes if a.echoes == "mixed" else int(a.echoes)
     params = Stage1Params() if a.threshold is None else Stage1Params(threshold=a.threshold)
     plan = {f"sub{a.seed:04d}_{s:03d}": (a.seed * 100003 + s, s >= a.subjects - a.controls)

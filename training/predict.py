@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 from app.app import ALGORITHM_VERSION, detection_version
-from training.cluster import ClusterSpecError, parse_cluster, run_subjects, summarise, write_text_atomic
+from training.cluster import (ClusterSpecError, add_cohort_arguments, check_cohort_arguments, run_subjects,
+                              summarise, write_text_atomic)
 
 OUTPUTS = ("findings.json", "stages.json", "detection.json")  # detection.json is written last
 _DETECTORS: dict[str, object] = {}  # model folder -> CMBDetector, loaded once per process (worker)
@@ -110,20 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-m", "--models", type=Path, default=None, help="model folder (default: models/)")
     p.add_argument("--subjects", nargs="*", help="only these subjects")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet comparator stage")
-    p.add_argument("--cluster", default=None, metavar="SPEC",
-                   help="local, local:N or tcp://HOST:PORT (a Dask scheduler); default: in this process")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per subject (default: torch's own here, 1 on a cluster)")
-    p.add_argument("--redo", action="store_true", help="run subjects whose outputs are already complete")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_cohort_arguments(p, "run subjects whose outputs are already complete")
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
-    if args.cluster is not None:
-        try:
-            parse_cluster(args.cluster)
-        except ClusterSpecError as exc:
-            p.error(str(exc))
+    check_cohort_arguments(p, args)
     from core.errors import CMBError
     from operators.cmb_detector import resolve_model_dir
 
