@@ -652,18 +652,13 @@ def synthesise_source_series(gre: GREVolume, sidecars: list[dict] | None = None)
 
 def write_source_series(gre: GREVolume, out_dir: Path) -> list[Path]:
     """Write :attr:`GREVolume.source_datasets` (synthesised) as ``MAG_NNNN.dcm`` files."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from core.dicom.derived import explicit_le_file_meta
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ds in gre.source_datasets:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
+        ds.file_meta = explicit_le_file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
         path = out_dir / f"MAG_{int(ds.InstanceNumber):04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

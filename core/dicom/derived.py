@@ -122,6 +122,16 @@ def choose_slope(chi_ppm: np.ndarray) -> float:
     return float(f"{slope:.1g}")
 
 
+def explicit_le_file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
+    """File meta information of an instance written in Explicit VR Little Endian (every file the
+    product and its simulator write)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
 def linear_window(low_ppm: float, high_ppm: float) -> tuple[float, float]:
     """(WindowCenter, WindowWidth) in ppb for the default ``LINEAR`` VOI function that maps
     ``low_ppm`` and below to black and above ``high_ppm`` to white (PS3.3 C.11.2.1.2.1)."""
@@ -271,11 +281,7 @@ def write_qsm_series(
             ds.SourceImageSequence = DicomSequence([_source_item(s) for s in refs])
         plane = np.ascontiguousarray(stored[:, :, k].T)  # [i, j] -> DICOM [row, col] = [j, i]
         ds.PixelData = plane.astype("<i2").tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
+        ds.file_meta = explicit_le_file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
         path = out_dir / f"QSM_{method}_{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

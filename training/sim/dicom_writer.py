@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import MRImageStorage
 
+from core.dicom.derived import explicit_le_file_meta
 from core.physics import GAMMA_BAR_HZ_PER_T
 from training.sim.study import SimulatedStudy
 
@@ -360,11 +360,7 @@ def _image(
 
 
 def _save(ds: pydicom.Dataset, out_dir: Path) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds.file_meta = explicit_le_file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
     folder = out_dir / f"S{int(ds.SeriesNumber):04d}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"I{int(ds.InstanceNumber):05d}.dcm"

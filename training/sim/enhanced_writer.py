@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from pydicom.valuerep import DSfloat
 
+from core.dicom.derived import explicit_le_file_meta
 from training.sim.study import SimulatedStudy
 
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -364,11 +364,7 @@ def _instance(
             per_frame.append(_frame_groups(study, e, k, tes_ms[e], when, duration_s))
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENHANCED_MR_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds.file_meta = explicit_le_file_meta(ENHANCED_MR_IMAGE_STORAGE, sop_uid)
     return ds
 
 
