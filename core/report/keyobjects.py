@@ -23,7 +23,7 @@ from pydicom.sr.codedict import codes
 
 from core.dicom.volume import GREVolume
 from core.findings import StudyFindings
-from core.report.seg import MANUFACTURER, drop_empty_copied_sequences
+from core.report.seg import MANUFACTURER, drop_empty_copied_sequences, save_in
 from core.report.sr import DEVICE_NAME
 from core.uids import derived_uid, result_instance_uid, result_series_uid
 
@@ -80,10 +80,4 @@ def write_kos(findings: StudyFindings, gre: GREVolume, out_dir: Path, algorithm_
     """
     keys = [pydicom.dcmread(p, stop_before_pixels=True) for p in key_image_paths]
     kos = build_kos(findings, gre, algorithm_version, keys, pydicom.dcmread(sr_path))
-    if kos is None:
-        return None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "KO_CMB.dcm"
-    kos.save_as(path)
-    return path
+    return None if kos is None else save_in(kos, out_dir, "KO_CMB.dcm")

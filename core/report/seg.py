@@ -178,12 +178,15 @@ def write_seg(findings: StudyFindings, gre: GREVolume, out_dir: Path, algorithm_
         algorithm_version: goes into SoftwareVersions, the algorithm identification and the UIDs.
     """
     seg = build_seg(findings, gre, algorithm_version)
-    if seg is None:
-        return None
+    return None if seg is None else save_in(seg, out_dir, "SEG_CMB.dcm")
+
+
+def save_in(ds, out_dir: Path, name: str) -> Path:
+    """Write ``ds`` as ``out_dir/name`` (the folder created if needed) and return the path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "SEG_CMB.dcm"
-    seg.save_as(path)
+    path = out_dir / name
+    ds.save_as(path)
     return path
 
 

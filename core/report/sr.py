@@ -57,7 +57,7 @@ from core.dicom.volume import GREVolume
 from core.findings import Finding, StudyFindings
 from core.mars import MARS_REGIONS
 from core.report import codes
-from core.report.seg import MANUFACTURER, _frame_slices, drop_empty_copied_sequences, segment_numbers
+from core.report.seg import MANUFACTURER, _frame_slices, drop_empty_copied_sequences, save_in, segment_numbers
 from core.uids import derived_uid, result_instance_uid, result_series_uid
 
 SR_KIND = "SR CMB"
@@ -370,9 +370,4 @@ def write_sr(findings: StudyFindings, gre: GREVolume, out_dir: Path, algorithm_v
             group references its segment and the SEG is listed as evidence.
     """
     seg = hd.seg.segread(seg_path) if seg_path is not None else None
-    sr = build_sr(findings, gre, algorithm_version, seg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "SR_CMB.dcm"
-    sr.save_as(path)
-    return path
+    return save_in(build_sr(findings, gre, algorithm_version, seg), out_dir, "SR_CMB.dcm")
