@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import write_result
+from deploy.node.spool import fsync_dir  # the node's own folder fsync, timed as it runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,14 +66,6 @@ def _write(path: Path, data: bytes, sync: bool = True) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def timed(n: int, op: Callable[[int], None]) -> list[float]:
     out = []
     for i in range(n):
@@ -87,7 +80,7 @@ def measure(root: Path, n: int, sizes: list[int], groups: list[int]) -> dict[str
     tmp, final = root / "tmp", root / "final"
     tmp.mkdir()
     final.mkdir()
-    _fsync_dir(root)
+    fsync_dir(root)
     for size in sizes:
         data = os.urandom(size)
         res[f"write_fsync_{size}"] = summary(timed(n, lambda i: _write(tmp / f"w{size}_{i}", data)))
@@ -97,7 +90,7 @@ def measure(root: Path, n: int, sizes: list[int], groups: list[int]) -> dict[str
         def instance(i: int) -> None:
             _write(tmp / f"i{size}_{i}.part", data)
             os.replace(tmp / f"i{size}_{i}.part", final / f"i{size}_{i}.dcm")
-            _fsync_dir(final)
+            fsync_dir(final)
         res[f"instance_{size}"] = summary(timed(n, instance))
         for k in groups:
             def group(i: int) -> None:
@@ -106,7 +99,7 @@ def measure(root: Path, n: int, sizes: list[int], groups: list[int]) -> dict[str
                     _write(tmp / nm, data)
                 for nm in names:
                     os.replace(tmp / nm, final / nm)
-                _fsync_dir(final)
+                fsync_dir(final)
             res[f"group_{k}x{size}"] = summary(timed(max(10, n // k), group))
         for prep, key in (("fallocate", f"fdatasync_append_{size}"),
                           ("zeroed", f"fdatasync_append_zeroed_{size}"),
@@ -129,9 +122,9 @@ def measure(root: Path, n: int, sizes: list[int], groups: list[int]) -> dict[str
 
     def rename_dir(i: int) -> None:
         os.replace(tmp / f"w{sizes[0]}_{i}", final / f"r{i}")
-        _fsync_dir(final)
+        fsync_dir(final)
     res["rename_fsync_dir"] = summary(timed(n, rename_dir))
-    res["fsync_dir_unchanged"] = summary(timed(n, lambda i: _fsync_dir(final)))
+    res["fsync_dir_unchanged"] = summary(timed(n, lambda i: fsync_dir(final)))
 
     for mode in ("FULL", "NORMAL"):
         db = sqlite3.connect(root / f"q_{mode}.sqlite", isolation_level=None)

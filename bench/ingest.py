@@ -154,11 +154,7 @@ def run_node(files_dir: Path, root: Path, journal: bool = True) -> tuple[float, 
     with open(root / "node.log", "wb") as log:
         proc = subprocess.Popen([PY, "-m", "deploy.node", "--config", str(root / "node.yaml")],
                                 cwd=REPO, stdout=log, stderr=log)
-    try:
-        wait_echo(port, "CMB_NODE")
-        dt, _ = push(files_dir, port, "CMB_NODE")
-    finally:
-        stop(proc)
+    dt = _push_then_stop(proc, files_dir, port, "CMB_NODE")
     extra: dict[str, Any] = {}
     stopped = _node_events(root / "node.log", "node_stopped")
     if journal:
@@ -170,17 +166,24 @@ def run_node(files_dir: Path, root: Path, journal: bool = True) -> tuple[float, 
     return dt, len(list((spool / "instances").glob("*/*/*.dcm"))), extra
 
 
+def _push_then_stop(proc: subprocess.Popen, files_dir: Path, port: int, aet: str) -> float:
+    """Wait until the receiver ``proc`` answers C-ECHO as ``aet``, push ``files_dir`` to it, stop
+    it (also on failure); the push's seconds."""
+    try:
+        wait_echo(port, aet)
+        dt, _ = push(files_dir, port, aet)
+    finally:
+        stop(proc)
+    return dt
+
+
 def run_storescp(files_dir: Path, root: Path) -> tuple[float, int, dict[str, Any]]:
     port = free_port()
     out = root / "storescp"
     out.mkdir()
     proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
                             env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_echo(port, "STORESCP")
-        dt, _ = push(files_dir, port, "STORESCP")
-    finally:
-        stop(proc)
+    dt = _push_then_stop(proc, files_dir, port, "STORESCP")
     return dt, sum(1 for p in out.iterdir() if p.is_file()), {}
 
 
@@ -192,11 +195,7 @@ def run_null(files_dir: Path, root: Path) -> tuple[float, int | None, dict[str, 
         proc = subprocess.Popen([PY, "-m", "bench.null_scp", "--port", str(port), "--fast-polling",
                                  "true" if NODE_FAST_POLLING else "false"],
                                 cwd=REPO, stdout=log, stderr=log)
-    try:
-        wait_echo(port, "NULL_SCP")
-        dt, _ = push(files_dir, port, "NULL_SCP")
-    finally:
-        stop(proc)
+    dt = _push_then_stop(proc, files_dir, port, "NULL_SCP")
     return dt, None, {}
 
 
