@@ -2,7 +2,8 @@
 
 Files (inside the staged output folder):
     qsm.nii.gz, brain_mask.nii.gz          chi in ppm on the source grid, and the mask used
-    dicom/qsm/QSM_<method>_NNNN.dcm        derived MR series (core.dicom.derived), stable UIDs
+    dicom/qsm/QSM_<method>_NNNN.dcm        derived MR series (core.dicom.derived), stable UIDs; their
+                                           paths go on in ``qsm.series_paths`` (the SR references them)
     dicom/source/MAG_NNNN.dcm              NIfTI input only: the first-echo magnitude as DICOM, the
                                            source images the SEG/SR/key images reference
 
@@ -39,9 +40,11 @@ def write_qsm_outputs(gre, qsm, out_dir: Path, algorithm_version: str) -> list[P
 
         paths += write_source_series(gre, out_dir / "dicom" / "source")
     if qsm.method in METHOD_NAMES:
-        paths += write_qsm_series(qsm.chi_ppm, gre, out_dir / "dicom" / "qsm",
+        series = write_qsm_series(qsm.chi_ppm, gre, out_dir / "dicom" / "qsm",
                                   method=METHOD_NAMES[qsm.method], algorithm_version=algorithm_version,
                                   background=BACKGROUND_NAMES.get(qsm.background, "V-SHARP"))
+        qsm.series_paths = list(series)  # the SR draws each finding's circle on its QSM slice
+        paths += series
     return paths
 
 

@@ -106,6 +106,7 @@ class QSMResult:
     reference: str = "mean over eroded mask = 0"
     unwrap_corrected_voxels: int = 0  # core.qsm.echo_fit.echo1_consistency: > 0 flags a one-cycle error
     background: str = "vsharp"  # background field removal that made local_field_ppm (BG_METHODS); "" if none
+    series_paths: list = field(default_factory=list)  # the DICOM QSM series once written (operators.qsm_writer), by slice
 
 
 def _validate(

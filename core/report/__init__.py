@@ -22,9 +22,10 @@ from core.findings import StudyFindings
 
 
 def write_reports(findings: StudyFindings, gre: GREVolume, chi_ppm: np.ndarray, out_dir: Path,
-                  algorithm_version: str) -> dict[str, list[Path]]:
+                  algorithm_version: str, qsm_paths: list[Path] | None = None) -> dict[str, list[Path]]:
     """Write SEG (when there is something segmented), SR, key images, the KOS (when there are key
-    images) and the clinical summary.
+    images) and the clinical summary. ``qsm_paths``: the QSM series written for this map, by slice
+    (the SR's circles go on them as well as on the source magnitude).
 
     Files in ``out_dir``: ``SEG_CMB.dcm``, ``SR_CMB.dcm``, ``KEY_<n>.dcm``, ``KO_CMB.dcm``,
     ``cmb_summary.json`` and ``cmb_summary.txt``. Returns the written paths by kind (``seg``,
@@ -39,7 +40,7 @@ def write_reports(findings: StudyFindings, gre: GREVolume, chi_ppm: np.ndarray, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seg = write_seg(findings, gre, out_dir, algorithm_version)
-    sr = write_sr(findings, gre, out_dir, algorithm_version, seg_path=seg)
+    sr = write_sr(findings, gre, out_dir, algorithm_version, seg_path=seg, qsm_paths=qsm_paths)
     keys = write_key_images(findings, gre, chi_ppm, out_dir, algorithm_version)
     kos = write_kos(findings, gre, out_dir, algorithm_version, keys, sr)
     summary = clinical_summary(findings)

@@ -87,13 +87,11 @@ MEAN = codes.SCT.Mean  # SCT 373098007, derivation
 PROBABILITY = codes.DCM.Probability  # DCM 122157
 #: DCM 111010 "Center": the focus centre (SCOORD3D POINT).
 CENTRE = codes.DCM.Center
-NUMBER_OF_LESIONS = codes.SCT.NumberOfLesions  # SCT 246206008 "Number of lesions (observable entity)"
 
 UNIT_MM = CodedConcept("mm", "UCUM", "millimeter")
 UNIT_MM3 = CodedConcept("mm3", "UCUM", "cubic millimeter")
 UNIT_PPM = CodedConcept("[ppm]", "UCUM", "parts per million")
 UNIT_ONE = CodedConcept("1", "UCUM", "no units")
-UNIT_COUNT = CodedConcept("{lesions}", "UCUM", "lesions")
 
 # ----------------------------------------------------------------- qualitative evaluations
 MARS_CATEGORY = _private("MARS-CAT", "MARS category")
@@ -105,11 +103,10 @@ CATEGORY_VALUES = {
 #: DCM 111012 "Certainty of Finding".
 CERTAINTY = codes.DCM.CertaintyOfFinding
 CERTAINTY_VALUES = {"definite": _private("MARS-DEF", "Definite"), "possible": _private("MARS-POS", "Possible")}
-CATEGORY_COUNT = {
-    "lobar": _private("N-LOBAR", "Number of lobar microbleeds"),
-    "deep": _private("N-DEEP", "Number of deep microbleeds"),
-    "infratentorial": _private("N-INFRA", "Number of infratentorial microbleeds"),
-}
-N_MIMICS = _private("N-MIMIC", "Number of microbleed mimics")
 PROCEDURE = CodedConcept("CMB-QSM", PRIVATE_SCHEME, "Cerebral microbleed detection on QSM")
-TRACKING_SUMMARY = "Microbleed summary"
+#: TID 1500 row "Qualitative Evaluations" (UMLS C0034375): the report-level container that holds
+#: the study summary; its CODE / TEXT children are the report's conclusions (PS3.16 TID 1500; the
+#: HL7 DICOM SR to FHIR mapping IG lists it beside DCM 126010 and 126011 as TID 1500's containers).
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+#: DCM 121111 "Summary": the TEXT item with the study's clinical summary.
+SUMMARY = CodedConcept(codes.DCM.Summary.value, "DCM", codes.DCM.Summary.meaning)

@@ -15,29 +15,38 @@ What :func:`write_sr` puts in the report (DESIGN.md section 4, "SR"):
   deposits) when a SEG exists, else a POINT volume surface at the centre; measurements
   diameter (mm), volume (mm3), mean magnetic susceptibility (UCUM ``[ppm]``), detection probability
   (UCUM ``1``); qualitative evaluations MARS category and certainty (definite / possible);
-* before each finding's volumetric group, one TID 1410 planar group with the same tracking
-  identifier and tracking UID (one finding, two views of it): a SCOORD CIRCLE "Image Region"
-  (DCM 111030) on the first-echo magnitude image of the slice nearest the centre (``round(k)``;
-  for Enhanced MR the frame number), centre at pixel ``(i + 0.5, j + 0.5)`` (PS3.3 C.18.6.1.1:
-  (column, row), top-left corner of the top-left pixel at (0, 0)), second point on the
-  circumference at the finding's radius; finding type, category and site as in the 3D group.
-  Why: image viewers draw 2D SCOORDs on the referenced image; OHIF 3.x (its cornerstone-dicom-sr
-  extension, read from its source) merges measurement groups that share a Tracking Unique
-  Identifier and takes the first SCOORD/SCOORD3D of the merged group as the drawn graphic, so the
-  planar group comes first; it draws POINT (as an arrow), POLYLINE, CIRCLE and ELLIPSE, and
-  needs an Image Library;
+* before each finding's volumetric group, TID 1410 planar groups with the same tracking
+  identifier and tracking UID (one finding, several views of it), each a SCOORD CIRCLE "Image
+  Region" (DCM 111030) on the image of the slice nearest the centre (``round(k)``): first on the
+  QSM series the app wrote (the map the finding was detected on; when there is one), then on the
+  first-echo source magnitude (for Enhanced MR the frame number); centre at pixel
+  ``(i + 0.5, j + 0.5)`` (PS3.3 C.18.6.1.1: (column, row), top-left corner of the top-left pixel
+  at (0, 0)), second point on the circumference at the finding's radius; finding type, category
+  and site as in the 3D group. Why both and in that order: image viewers draw 2D SCOORDs on the
+  referenced image; OHIF 3.x (its cornerstone-dicom-sr extension, read from its 3.13.2 build)
+  merges measurement groups that share a Tracking Unique Identifier and draws only the first
+  SCOORD/SCOORD3D of the merged group, and it hangs the SR viewport (minutes, measured in the
+  viewer test's browser) when that image belongs to a multi-echo series holding several images
+  per slice position, as every multi-echo GRE does; the QSM series has one image per position.
+  The magnitude circle stays for every other reader (the source image, as IHE AI Results asks);
 * an Image Library (TID 1600) listing the images those circles reference (highdicom's
   ``referenced_images``; its entries cannot describe a frame of a multi-frame image, so for
   Enhanced MR the entry is described from the frame's plane and given its frame number by hand,
   :func:`_library_images`);
 * in every group, TID 4019 algorithm identification: name ``CMB-QSM``, the version, and the
   operating point (``findings.parameters``, set by the detector) as Algorithm Parameters;
-* one TID 1501 summary group (tracking identifier ``Microbleed summary``): total number of
-  microbleeds, the number per MARS region (finding site + laterality), per MARS category, and the
-  number of mimics. A negative study therefore still has one group, saying 0 microbleeds (and no
-  Image Library: nothing is drawn).
+* the study summary as TEXT "Summary" (DCM 121111) in TID 1500's report-level "Qualitative
+  Evaluations" container (UMLS C0034375): the clinical summary's text
+  (:func:`core.report.summary.summary_text`: counts, MARS categories and table, sizes, the
+  distribution pattern and its caveat), what every SR viewer shows. It is not a TID 1501 group
+  of counts (as before): OHIF 3.13.2 reads the first image coordinate of every measurement group
+  and throws on a group without one, which left every circle of the report undrawn. The counts
+  stay machine-readable as the groups themselves (one volumetric group per finding, with its
+  region and category) and in findings.json / cmb_summary.json. A negative study has no
+  measurement group and says "0" in the summary.
 
-Evidence: the source first-echo magnitude images (or the Enhanced MR instance) and the SEG.
+Evidence: the source first-echo magnitude images (or the Enhanced MR instance), the QSM series'
+images when given, and the SEG.
 UIDs from :mod:`core.uids` (kind ``"SR CMB"``).
 """
 
@@ -45,7 +54,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -55,9 +64,9 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from core.dicom.volume import GREVolume
 from core.findings import Finding, StudyFindings
-from core.mars import MARS_REGIONS
 from core.report import codes
 from core.report.seg import MANUFACTURER, _frame_slices, drop_empty_copied_sequences, save_in, segment_numbers
+from core.report.summary import clinical_summary, summary_text
 from core.uids import derived_uid, result_instance_uid, result_series_uid
 
 SR_KIND = "SR CMB"
@@ -125,8 +134,10 @@ def slice_reference(gre: GREVolume, k: int) -> tuple[str, str, int | None] | Non
     return str(ds.SOPClassUID), str(ds.SOPInstanceUID), None
 
 
-def image_region(f: Finding, gre: GREVolume) -> hd.sr.ImageRegion | None:
-    """SCOORD CIRCLE on the source magnitude image of the finding's slice (TID 1410 "Image Region").
+def image_region(f: Finding, gre: GREVolume, ref: tuple[str, str, int | None] | None = None) -> hd.sr.ImageRegion | None:
+    """SCOORD CIRCLE on the image of the finding's slice (TID 1410 "Image Region"): the source
+    magnitude's (:func:`slice_reference`) unless ``ref`` (SOPClassUID, SOPInstanceUID, frame or
+    None) names another image on the same grid (the QSM series' slice).
 
     Pixel coordinates (PS3.3 C.18.6.1.1) are (column, row) with the top-left corner of the
     top-left pixel at (0, 0), so the centre of voxel ``(i, j)`` (columns follow i, rows follow j,
@@ -134,7 +145,8 @@ def image_region(f: Finding, gre: GREVolume) -> hd.sr.ImageRegion | None:
     part. The circle's second point lies on the circumference at the finding's radius
     (``diameter_mm / 2``) along the row, in column pixels.
     """
-    ref = slice_reference(gre, slice_index(f, gre))
+    if ref is None:
+        ref = slice_reference(gre, slice_index(f, gre))
     if ref is None:
         return None
     cls, uid, frame = ref
@@ -149,11 +161,28 @@ def image_region(f: Finding, gre: GREVolume) -> hd.sr.ImageRegion | None:
     )
 
 
-def _planar_group(f: Finding, gre: GREVolume, findings: StudyFindings,
-                  algo: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
-    """TID 1410 group of a finding: its circle on the source image, same tracking label and UID as
-    its volumetric group (so a viewer merges both into one finding), type, category, site."""
-    region = image_region(f, gre)
+def qsm_slice_images(qsm_images: Sequence[pydicom.Dataset] | None, gre: GREVolume) -> list[pydicom.Dataset] | None:
+    """The QSM series' image of each slice ``k`` (``qsm_images`` as written, ordered by ``k``),
+    checked to lie on the GRE grid (one image per slice, each at the slice's position within
+    0.01 mm); ``None`` when no QSM series is given."""
+    if not qsm_images:
+        return None
+    g = gre.geometry
+    if len(qsm_images) != g.shape[2]:
+        raise ValueError(f"QSM series has {len(qsm_images)} images for {g.shape[2]} slices")
+    for k, ds in enumerate(qsm_images):
+        if not np.allclose([float(v) for v in ds.ImagePositionPatient], g.slice_position(k), atol=0.01):
+            raise ValueError(f"QSM image {k + 1} is not at slice {k}'s position")
+    return list(qsm_images)
+
+
+def _planar_group(f: Finding, gre: GREVolume, findings: StudyFindings, algo: hd.sr.AlgorithmIdentification,
+                  ref: tuple[str, str, int | None] | None = None,
+                  ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 group of a finding: its circle on one image (the source magnitude's unless ``ref``
+    names another, see :func:`image_region`), same tracking label and UID as its volumetric group
+    (so a viewer merges them into one finding), type, category, site."""
+    region = image_region(f, gre, ref)
     if region is None:
         return None
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -227,27 +256,15 @@ def _append_centre(group, f: Finding, gre: GREVolume) -> None:
     group[0].ContentSequence.append(item)
 
 
-def _summary_group(findings: StudyFindings,
-                   algo: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    cmbs = findings.microbleeds
-    m = [hd.sr.Measurement(name=codes.NUMBER_OF_LESIONS, value=float(len(cmbs)), unit=codes.UNIT_COUNT)]
-    per_region = Counter((f.mars_region, f.side) for f in cmbs if f.mars_region)
-    order = {r.key: r.index for r in MARS_REGIONS}
-    for (region, side), n in sorted(per_region.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or "")):
-        m.append(hd.sr.Measurement(name=codes.NUMBER_OF_LESIONS, value=float(n), unit=codes.UNIT_COUNT,
-                                   finding_sites=_finding_site(region, side)))
-    per_cat = Counter(f.mars_category for f in cmbs if f.mars_category)
-    for cat, concept in codes.CATEGORY_COUNT.items():
-        m.append(hd.sr.Measurement(name=concept, value=float(per_cat.get(cat, 0)), unit=codes.UNIT_COUNT))
-    m.append(hd.sr.Measurement(name=codes.N_MIMICS, value=float(len(findings.mimics)), unit=codes.UNIT_COUNT))
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            identifier=codes.TRACKING_SUMMARY,
-            uid=derived_uid("summary", findings.study_instance_uid, findings.algorithm_version)),
-        finding_type=codes.FINDING_CMB,
-        algorithm_id=copy.deepcopy(algo),
-        measurements=m,
-    )
+def _append_summary(report: hd.sr.MeasurementReport, findings: StudyFindings) -> None:
+    """Add the report-level "Qualitative Evaluations" container (TID 1500) holding the clinical
+    summary as TEXT "Summary", after the Imaging Measurements."""
+    container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence([hd.sr.TextContentItem(
+        name=codes.SUMMARY, value=summary_text(clinical_summary(findings)),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)])
+    report[0].ContentSequence.append(container)
 
 
 def referenced_segment(seg, segment_number: int) -> hd.sr.ReferencedSegment:
@@ -268,9 +285,11 @@ def referenced_segment(seg, segment_number: int) -> hd.sr.ReferencedSegment:
     return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number)
 
 
-def _library_images(findings: StudyFindings, gre: GREVolume) -> list[tuple[pydicom.Dataset, int | None]]:
+def _library_images(findings: StudyFindings, gre: GREVolume,
+                    qsm: list[pydicom.Dataset] | None = None) -> list[tuple[pydicom.Dataset, int | None]]:
     """The images the planar groups point at, once each, for the Image Library (TID 1600), with the
-    frame number for a multi-frame source.
+    frame number for a multi-frame source: the source magnitude's, then the QSM series' (``qsm``,
+    one image per slice, see :func:`qsm_slice_images`).
 
     A classic image is given as its own header. highdicom's Image Library reads PixelSpacing,
     ImageOrientationPatient and ImagePositionPatient at the top level, which an Enhanced MR
@@ -298,6 +317,9 @@ def _library_images(findings: StudyFindings, gre: GREVolume) -> list[tuple[pydic
             proxy.ImagePositionPatient = [float(v) for v in g.slice_position(k)]
             ds = proxy
         out[(ref[1], ref[2])] = (ds, ref[2])
+    if qsm is not None:
+        for k in sorted({slice_index(f, gre) for f in findings.microbleeds + findings.mimics}):
+            out[(str(qsm[k].SOPInstanceUID), None)] = (qsm[k], None)
     return list(out.values())
 
 
@@ -317,8 +339,10 @@ def _set_library_frames(report: hd.sr.MeasurementReport, frames: list[int | None
 
 def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
              seg: hd.seg.Segmentation | None = None,
-             content_datetime: _dt.datetime | None = None) -> hd.sr.Comprehensive3DSR:
-    """The SR dataset (see the module docstring)."""
+             content_datetime: _dt.datetime | None = None,
+             qsm_images: Sequence[pydicom.Dataset] | None = None) -> hd.sr.Comprehensive3DSR:
+    """The SR dataset (see the module docstring); ``qsm_images``: the headers of the QSM series the
+    app wrote, ordered by slice (the circles a viewer draws go on them)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("device", DEVICE_NAME, algorithm_version), name=DEVICE_NAME,
         manufacturer_name=MANUFACTURER, model_name=f"{DEVICE_NAME} {algorithm_version}")
@@ -329,21 +353,31 @@ def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
     seg_refs = ({kind: referenced_segment(seg, n)
                  for kind, n in segment_numbers(findings).items()} if seg is not None else {})
     algo = algorithm_identification(findings, algorithm_version)
-    library = _library_images(findings, gre)
+    qsm = qsm_slice_images(qsm_images, gre)
+    library = _library_images(findings, gre, qsm)
     groups = []
     for f in findings.microbleeds + findings.mimics:
-        planar = _planar_group(f, gre, findings, algo)
-        if planar is not None:  # first: a viewer merging groups by UID takes its image-referenced circle
-            groups.append(planar)
+        # planar groups first (a viewer merging groups by UID draws the first circle): QSM, magnitude
+        refs = ([(str(qsm[slice_index(f, gre)].SOPClassUID), str(qsm[slice_index(f, gre)].SOPInstanceUID), None)]
+                if qsm is not None else []) + [None]
+        groups += [p for p in (_planar_group(f, gre, findings, algo, ref) for ref in refs) if p is not None]
         groups.append(_group(f, gre, findings, seg_refs, algo))
-    groups.append(_summary_group(findings, algo))
+    # highdicom 0.28 builds only the Imaging Measurements container and needs one group in it; a
+    # negative study has none, so it is built around a placeholder group and the container is
+    # dropped (TID 1500 needs one of its three containers: Qualitative Evaluations is always there)
+    placeholder = [] if groups else [hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(identifier="none"), finding_type=codes.FINDING_CMB)]
     report = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=codes.PROCEDURE, imaging_measurements=groups,
-        title=codes.codes.cid7021.ImagingMeasurementReport,
+        observation_context=context, procedure_reported=codes.PROCEDURE,
+        imaging_measurements=groups or placeholder, title=codes.codes.cid7021.ImagingMeasurementReport,
         referenced_images=[ds for ds, _ in library] or None)
     _set_library_frames(report, [n for _, n in library])
+    if placeholder:
+        report[0].ContentSequence = [it for it in report[0].ContentSequence
+                                     if it.ConceptNameCodeSequence[0].CodeValue != "126010"]
+    _append_summary(report, findings)
     series_uid, sop_uid = sr_uids(gre, algorithm_version)
-    evidence = list(gre.source_datasets) + ([seg] if seg is not None else [])
+    evidence = list(gre.source_datasets) + (qsm or []) + ([seg] if seg is not None else [])
     now = content_datetime or _dt.datetime.now()
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=series_uid, series_number=SERIES_NUMBER,
@@ -358,7 +392,7 @@ def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
 
 
 def write_sr(findings: StudyFindings, gre: GREVolume, out_dir: Path, algorithm_version: str,
-             seg_path: Path | None = None) -> Path:
+             seg_path: Path | None = None, qsm_paths: Sequence[Path] | None = None) -> Path:
     """Write the SR as ``out_dir/SR_CMB.dcm`` and return its path.
 
     Args:
@@ -368,6 +402,9 @@ def write_sr(findings: StudyFindings, gre: GREVolume, out_dir: Path, algorithm_v
         algorithm_version: the product's version (observer context, SoftwareVersions, UIDs).
         seg_path: the SEG written by :func:`core.report.seg.write_seg`; when given, each finding's
             group references its segment and the SEG is listed as evidence.
+        qsm_paths: the QSM series :func:`core.dicom.derived.write_qsm_series` wrote (ordered by
+            slice); when given, each finding gets a circle on its QSM slice too, drawn first.
     """
     seg = hd.seg.segread(seg_path) if seg_path is not None else None
-    return save_in(build_sr(findings, gre, algorithm_version, seg), out_dir, "SR_CMB.dcm")
+    qsm = [pydicom.dcmread(p, stop_before_pixels=True) for p in qsm_paths] if qsm_paths else None
+    return save_in(build_sr(findings, gre, algorithm_version, seg, qsm_images=qsm), out_dir, "SR_CMB.dcm")

@@ -4,9 +4,10 @@ One coarse (4 mm) simulated subject with four microbleeds (lobar, deep, infraten
 one calcification, written as classic MR and as Enhanced MR; findings are built at the truth
 lesions (:func:`core.report.demo.findings_from_truth`). Checked: dciodvfy reports no error for
 SEG, SR, SC and KOS; DCMTK dsrdump renders the SR and the KOS; highdicom reads the SR back with
-every microbleed's centre and MARS region, and with one image-referenced circle per finding on
-the right first-echo image at the right pixel coordinates; the Image Library lists those images;
-every group carries the algorithm identification; dcmqi's tid1500reader reads every group; the
+every microbleed's centre and MARS region, and with two image-referenced circles per finding, on
+its QSM slice and on the right first-echo image, at the right pixel coordinates; the Image Library
+lists those images; the clinical summary is the report's Qualitative Evaluations text; every group
+carries the algorithm identification; dcmqi's tid1500reader reads every group; the
 KOS references the key images and the SR; every SEG frame holds the label map at its own plane
 position; UIDs are stable; a negative study gets an SR saying 0, no SEG and no KOS.
 """
@@ -25,6 +26,7 @@ import pydicom
 import pytest
 
 from core.detect.detector import DetectorConfig
+from core.dicom.derived import write_qsm_series
 from core.dicom.reader import load_gre
 from core.findings import StudyFindings
 from core.report import codes
@@ -32,6 +34,7 @@ from core.report.demo import findings_from_truth
 from core.report.keyimages import BAND_PX, PANEL_PX, QSM_WINDOW_PPM, write_key_images
 from core.report.keyobjects import write_kos
 from core.report.seg import segment_numbers, write_seg
+from core.report.summary import clinical_summary, summary_text
 from core.report.sr import write_sr
 from tests.conftest import REPO, dciodvfy_errors, require_tool
 from training.sim.dicom_writer import write_study
@@ -59,10 +62,11 @@ def case(tmp_path_factory):
         findings.parameters = PARAMETERS  # what CMBDetector.detect attaches
         d = root / f"out_{name}"
         seg = write_seg(findings, gre, d, VERSION)
-        sr = write_sr(findings, gre, d, VERSION, seg_path=seg)
+        qsm = write_qsm_series(study.chi_ppm, gre, d / "qsm", method="STAR-QSM", algorithm_version=VERSION)
+        sr = write_sr(findings, gre, d, VERSION, seg_path=seg, qsm_paths=qsm)
         keys = write_key_images(findings, gre, study.chi_ppm, d, VERSION)
         kos = write_kos(findings, gre, d, VERSION, keys, sr)
-        out[name] = dict(gre=gre, findings=findings, seg=seg, sr=sr, keys=keys, kos=kos)
+        out[name] = dict(gre=gre, findings=findings, seg=seg, qsm=qsm, sr=sr, keys=keys, kos=kos)
     return out
 
 
@@ -135,7 +139,7 @@ def test_sr_reads_back_with_each_microbleed(case, name):
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     groups, report = _groups_by_label(sr)
     planar = {g.tracking_identifier: g for g in report.get_planar_roi_measurement_groups()}
-    assert set(planar) == set(groups)  # one image-referenced group per finding (see below)
+    assert set(planar) == set(groups)  # image-referenced groups of every finding (see below)
     findings = c["findings"]
     assert set(groups) == {f"Microbleed {f.index}" for f in findings.microbleeds} | {"Mimic 5 (calcification)"}
     for f in findings.findings:
@@ -163,22 +167,27 @@ def test_sr_reads_back_with_each_microbleed(case, name):
         q = {x.name.meaning: x.value.meaning for x in g.get_qualitative_evaluations()}
         assert q["MARS category"] == f.mars_category.capitalize()
         assert q["Certainty of Finding"] == f.certainty.capitalize()
-    # summary group: total and per region
-    summary = [g for g in report.get_image_measurement_groups() if g.tracking_identifier == codes.TRACKING_SUMMARY]
-    assert len(summary) == 1
-    ms = summary[0].get_measurements()
-    total = [x for x in ms if x.name.value == codes.NUMBER_OF_LESIONS.value and not x.finding_sites]
-    assert [x.value for x in total] == [4]
-    per_region = {(x.finding_sites[0].value.value, x.finding_sites[0].laterality.value): x.value
-                  for x in ms if x.finding_sites}
-    expected = {}
-    for f in findings.microbleeds:
-        key = (codes.REGION_CODES[f.mars_region].value, codes.LATERALITY[f.side].value)
-        expected[key] = expected.get(key, 0) + 1
-    assert per_region == expected
+    # no TID 1501 group (OHIF 3.13.2 throws on a group without image coordinates); the summary is
+    # the report's Qualitative Evaluations text
+    assert report.get_image_measurement_groups() == []
+    assert _summary_text(c["sr"]) == summary_text(clinical_summary(findings))
+    assert _summary_text(c["sr"]).startswith("Cerebral microbleeds (QSM): 4 (")
     # the private scheme is declared
     ds = pydicom.dcmread(c["sr"])
     assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99CMBQSM"
+
+
+def _summary_text(path: Path) -> str:
+    """The TEXT "Summary" (DCM 121111) of the report-level Qualitative Evaluations (UMLS C0034375)."""
+    root = pydicom.dcmread(path).ContentSequence
+    (qual,) = [it for it in root if it.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert qual.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS" and qual.ValueType == "CONTAINER"
+    assert root[-1] is qual  # after the Imaging Measurements (TID 1500 row order)
+    (text,) = qual.ContentSequence
+    assert (text.ValueType, text.RelationshipType) == ("TEXT", "CONTAINS")
+    assert (text.ConceptNameCodeSequence[0].CodeValue, text.ConceptNameCodeSequence[0].CodingSchemeDesignator) \
+        == ("121111", "DCM")
+    return str(text.TextValue)
 
 
 def test_dsrdump_renders_the_sr(case):
@@ -190,6 +199,7 @@ def test_dsrdump_renders_the_sr(case):
         assert f'"Microbleed {n}"' in run.stdout
     assert '"Mimic 5 (calcification)"' in run.stdout
     assert "(83251001,SCT,\"Frontal lobe\")" in run.stdout
+    assert '(,,"Summary")="Cerebral microbleeds (QSM):' in run.stdout  # the summary text (cut by dsrdump)
 
 
 def test_uids_are_stable_and_versioned(case, tmp_path):
@@ -247,10 +257,10 @@ def test_negative_study(case, tmp_path):
     assert dciodvfy_errors(path) == []
     report = hd.sr.srread(path).content
     assert report.get_volumetric_roi_measurement_groups() == []
-    (summary,) = report.get_image_measurement_groups()
-    counts = {x.name.meaning: x.value for x in summary.get_measurements()}
-    assert counts["Number of lesions (observable entity)"] == 0
-    assert counts["Number of lobar microbleeds"] == 0
+    assert report.get_planar_roi_measurement_groups() == report.get_image_measurement_groups() == []
+    text = _summary_text(path)
+    assert text.startswith("Cerebral microbleeds (QSM): 0 (0 definite, 0 possible)")
+    assert "MARS categories: lobar 0, deep 0, infratentorial 0" in text
 
 
 def test_write_reports_writes_everything(case, tmp_path):
@@ -308,28 +318,53 @@ def _first_te_ms(c) -> float:
     return float(c["gre"].echo_times_s[0]) * 1e3
 
 
+def _check_circle(region, f, g, ipp, iop, ps) -> None:
+    """A SCOORD CIRCLE centred at (i + 0.5, j + 0.5) of the finding with its radius; mapped through
+    the image's own IPP / IOP / PixelSpacing, the centre lands on the finding's LPS centre (up to
+    the sub-slice offset) and the image is slice round(k)."""
+    assert region.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
+    k = int(round(f.centre_voxel[2]))
+    k_of_plane = (np.linalg.inv(g.affine) @ np.append(ipp, 1.0))[2]
+    assert k_of_plane == pytest.approx(k, abs=1e-3)
+    (x, y), (x2, y2) = region.value
+    assert (x, y) == pytest.approx((f.centre_voxel[0] + 0.5, f.centre_voxel[1] + 0.5), abs=1e-4)
+    assert (x2 - x, y2 - y) == pytest.approx((f.diameter_mm / 2 / ps[1], 0.0), abs=1e-4)
+    # PS3.3 C.7.6.2.1.1: P = IPP + row_dir * col_spacing * c + col_dir * row_spacing * r, with
+    # (c, r) the 0-based pixel indices = SCOORD - 0.5
+    normal = g.direction[:, 2]
+    p = ipp + iop[:3] * ps[1] * (x - 0.5) + iop[3:] * ps[0] * (y - 0.5)
+    off = np.asarray(f.centre_lps_mm) - p
+    assert np.dot(off, normal) == pytest.approx((f.centre_voxel[2] - k) * g.spacing[2], abs=1e-3)
+    assert np.linalg.norm(off - np.dot(off, normal) * normal) < 1e-3
+
+
 @pytest.mark.parametrize("name", ["classic", "enhanced"])
-def test_planar_circle_on_the_source_image_of_each_finding(case, name):
-    """Each finding has a TID 1410 group with the same tracking label and UID as its 3D group; its
-    SCOORD CIRCLE sits on the first-echo magnitude image of slice round(k), centred at
-    (i + 0.5, j + 0.5), with the finding's radius; mapped through that image's own IPP / IOP /
-    PixelSpacing, the centre lands on the finding's LPS centre (up to the sub-slice offset)."""
+def test_planar_circles_on_the_qsm_and_the_source_image_of_each_finding(case, name):
+    """Each finding has two TID 1410 groups with the same tracking label and UID as its 3D group,
+    first the one on its slice of the QSM series (what OHIF draws, see core.report.sr), then the
+    one on the first-echo magnitude image of slice round(k) (frame of the Enhanced MR instance);
+    each circle is checked against the referenced file's own plane (:func:`_check_circle`)."""
     c = case[name]
     report = hd.sr.srread(c["sr"]).content
     vol = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
     planar = report.get_planar_roi_measurement_groups()
-    assert len(planar) == len(c["findings"].findings) == 5
+    assert len(planar) == 2 * len(c["findings"].findings) == 10
     by_uid = {ds.SOPInstanceUID: ds for ds in c["gre"].source_datasets}
+    qsm = {(ds := pydicom.dcmread(p, stop_before_pixels=True)).SOPInstanceUID: ds for p in c["qsm"]}
     g = c["gre"].geometry
-    normal = g.direction[:, 2]
-    for f, grp in zip(c["findings"].microbleeds + c["findings"].mimics, planar):
-        label = grp.tracking_identifier
-        assert label == vol[label].tracking_identifier
-        assert grp.tracking_uid == vol[label].tracking_uid
-        assert label == (f"Microbleed {f.index}" if f.kind == "cmb" else f"Mimic {f.index} (calcification)")
-        region = grp.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
-        img = region.ContentSequence[0].ReferencedSOPSequence[0]
+    for n, f in enumerate(c["findings"].microbleeds + c["findings"].mimics):
+        on_qsm, on_mag = planar[2 * n], planar[2 * n + 1]
+        for grp in (on_qsm, on_mag):
+            label = grp.tracking_identifier
+            assert label == (f"Microbleed {f.index}" if f.kind == "cmb" else f"Mimic {f.index} (calcification)")
+            assert label == vol[label].tracking_identifier and grp.tracking_uid == vol[label].tracking_uid
+        img = on_qsm.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        q = qsm[img.ReferencedSOPInstanceUID]
+        assert "ReferencedFrameNumber" not in img and img.ReferencedSOPClassUID == q.SOPClassUID
+        assert "QSM" in q.ImageType
+        _check_circle(on_qsm.roi, f, g, np.array(q.ImagePositionPatient, float),
+                      np.array(q.ImageOrientationPatient, float), np.array(q.PixelSpacing, float))
+        img = on_mag.roi.ContentSequence[0].ReferencedSOPSequence[0]
         uid = img.ReferencedSOPInstanceUID
         frame = int(img.ReferencedFrameNumber) if "ReferencedFrameNumber" in img else None
         assert uid in by_uid
@@ -337,20 +372,30 @@ def test_planar_circle_on_the_source_image_of_each_finding(case, name):
         ipp, iop, ps, te = _plane_of(by_uid[uid], frame)
         assert te == pytest.approx(_first_te_ms(c))  # first echo
         assert img.ReferencedSOPClassUID == by_uid[uid].SOPClassUID
-        # the referenced plane is slice round(k) of the finding
-        k = int(round(f.centre_voxel[2]))
-        k_of_plane = (np.linalg.inv(g.affine) @ np.append(ipp, 1.0))[2]
-        assert k_of_plane == pytest.approx(k, abs=1e-3)
-        # pixel coordinates: centre of voxel (i, j) at (i + 0.5, j + 0.5); radius in column pixels
-        (x, y), (x2, y2) = region.value
-        assert (x, y) == pytest.approx((f.centre_voxel[0] + 0.5, f.centre_voxel[1] + 0.5), abs=1e-4)
-        assert (x2 - x, y2 - y) == pytest.approx((f.diameter_mm / 2 / ps[1], 0.0), abs=1e-4)
-        # PS3.3 C.7.6.2.1.1: P = IPP + row_dir * col_spacing * c + col_dir * row_spacing * r, with
-        # (c, r) the 0-based pixel indices = SCOORD - 0.5
-        p = ipp + iop[:3] * ps[1] * (x - 0.5) + iop[3:] * ps[0] * (y - 0.5)
-        off = np.asarray(f.centre_lps_mm) - p
-        assert np.dot(off, normal) == pytest.approx((f.centre_voxel[2] - k) * g.spacing[2], abs=1e-3)
-        assert np.linalg.norm(off - np.dot(off, normal) * normal) < 1e-3
+        _check_circle(on_mag.roi, f, g, ipp, iop, ps)
+
+
+def test_sr_without_a_qsm_series_keeps_the_source_circle(case, tmp_path):
+    """Without a QSM series (a precomputed NIfTI map) each finding keeps its circle on the source."""
+    c = case["classic"]
+    path = write_sr(c["findings"], c["gre"], tmp_path, VERSION, seg_path=c["seg"])
+    assert dciodvfy_errors(path) == []
+    planar = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    src = {ds.SOPInstanceUID for ds in c["gre"].source_datasets}
+    assert len(planar) == 5
+    assert all(p.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in src for p in planar)
+
+
+def test_qsm_series_off_the_grid_is_refused(case):
+    from core.report.sr import build_sr
+
+    c = case["classic"]
+    qsm = [pydicom.dcmread(p, stop_before_pixels=True) for p in c["qsm"]]
+    with pytest.raises(ValueError, match="images for"):
+        build_sr(c["findings"], c["gre"], VERSION, qsm_images=qsm[:-1])
+    qsm[3].ImagePositionPatient = [float(v) + 1.0 for v in qsm[3].ImagePositionPatient]
+    with pytest.raises(ValueError, match="QSM image 4 is not at slice 3"):
+        build_sr(c["findings"], c["gre"], VERSION, qsm_images=qsm)
 
 
 @pytest.mark.parametrize("name", ["classic", "enhanced"])
@@ -367,14 +412,15 @@ def test_image_library_lists_the_referenced_images(case, name):
         img = grp.roi.ContentSequence[0].ReferencedSOPSequence[0]
         refs.add((img.ReferencedSOPInstanceUID, int(img.ReferencedFrameNumber) if "ReferencedFrameNumber" in img
                   else None))
-    assert entries == refs and len(refs) == len({int(round(f.centre_voxel[2])) for f in c["findings"].findings})
+    # each slice with a finding: its magnitude image and its QSM image
+    assert entries == refs and len(refs) == 2 * len({int(round(f.centre_voxel[2])) for f in c["findings"].findings})
 
 
 def test_algorithm_identification_in_every_group(case):
     report = hd.sr.srread(case["classic"]["sr"]).content
     groups = (report.get_planar_roi_measurement_groups() + report.get_volumetric_roi_measurement_groups()
               + report.get_image_measurement_groups())
-    assert len(groups) == 11
+    assert len(groups) == 15
     assert any(p.startswith("stage1_threshold=") for p in PARAMETERS)
     assert any(p.startswith("vnet_sha256=") for p in PARAMETERS)
     for g in groups:
@@ -407,7 +453,7 @@ def test_dcmqi_tid1500reader_reads_every_group(case, name, tmp_path):
     labels = [m["TrackingIdentifier"] for m in meta["Measurements"]]
     want = [f"Microbleed {f.index}" if f.kind == "cmb" else f"Mimic {f.index} (calcification)"
             for f in c["findings"].microbleeds + c["findings"].mimics]
-    assert labels == [x for lab in want for x in (lab, lab)] + [codes.TRACKING_SUMMARY]
+    assert labels == [x for lab in want for x in (lab, lab, lab)]  # QSM circle, source circle, 3-D
     diam = {m["TrackingIdentifier"]: float(i["value"]) for m in meta["Measurements"]
             for i in m.get("measurementItems", []) if i["quantity"]["CodeMeaning"] == "Diameter"}
     for f in c["findings"].findings:

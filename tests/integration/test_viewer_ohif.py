@@ -219,42 +219,57 @@ def test_seg_loads_as_one_segmentation(viewer) -> None:
     d.save_screenshot(str(SHOTS / "seg.png"))
 
 
-def test_sr_lists_every_microbleed(viewer) -> None:
-    """OHIF parses our TID 1500 report: one measurement per finding (its 2-D and 3-D groups merged by
-    tracking UID) with diameter, susceptibility and region, each on an image of the study, plus the
-    study summary group. OHIF marks third-party SRs read-only (``isRehydratable`` is true only for
-    SRs whose tracking identifiers name one of its own tools), so measurementService stays empty by
-    design; the SR viewport draws the annotations from the display set's measurements.
+def test_sr_draws_every_microbleed_on_its_qsm_slice(viewer) -> None:
+    """OHIF parses our TID 1500 report: one measurement per finding (its groups merged by tracking
+    UID) with diameter, susceptibility and region, and the SR viewport draws it: every measurement
+    is attached (``loaded``) to the QSM series' image of the finding's slice round(k), the viewport
+    shows the QSM series with the circle and its numbers on the image (sr.png). OHIF marks
+    third-party SRs read-only (``isRehydratable`` is true only for SRs whose tracking identifiers
+    name one of its own tools), so measurementService stays empty by design; the SR viewport draws
+    the annotations from the display set's measurements.
 
-    The SR viewport itself stays black (sr.png), for two reasons found in OHIF 3.13.2's source and
-    console, neither fixed here: (1) its ``_checkIfCanAddMeasurementsToDisplaySet`` reads
-    ``measurement.coords[0].ReferencedSOPSequence`` for every measurement, and our TID 1501 summary
-    group has no SCOORD, so it throws "Cannot read properties of undefined (reading
-    'ReferencedSOPSequence')" and no CIRCLE is attached to its image; (2) with the summary group
-    removed by hand, the circles attach to the first-echo magnitude images, and the SR viewport
-    then hangs the page (renderer busy for minutes, webdriver calls time out) while the GRE series
-    holds 4 echoes per position; with only echo 1 in Orthanc it draws the circle and its numbers on
-    the image. Moving the summary out of the measurement groups alone would trade (1) for (2) on
-    every multi-echo study, so it is left as it is."""
+    Before (report shape of commit 18c7f88) the viewport stayed black: OHIF 3.13.2 threw on the TID
+    1501 summary group (no image coordinates), and with that removed it hung on circles placed on
+    the 4-echo magnitude series (core.report.sr says why the QSM circle comes first)."""
+    import pydicom
+
     _open_study(viewer)
     d = viewer["driver"]
     _skip_tour(d)
     _show(viewer, "CMB report")
-    time.sleep(10)
-    d.save_screenshot(str(SHOTS / "sr.png"))
-    info = json.loads(d.execute_script(
-        "const ds=window.services.displaySetService.getActiveDisplaySets().find(x=>x.Modality==='SR');"
-        "return JSON.stringify({loaded: ds.isLoaded, report: ds.isImagingMeasurementReport,"
-        "m: (ds.measurements||[]).map(m=>({labels:(m.labels||[]).map(l=>l.label),"
-        "sop: m.ReferencedSOPInstanceUID||null, type: m.graphicType||null, keys:Object.keys(m)}))})"))
     f = viewer["findings"]
-    n = len(f["microbleeds"]) + len(f["mimics"])
-    assert info["loaded"] and info["report"]
-    per_finding = [m for m in info["m"] if "Diameter" in m["labels"]]
-    assert n >= 1 and len(per_finding) == n
-    assert all("Magnetic Susceptibility" in m["labels"] for m in per_finding)
-    assert all(m["type"] == "CIRCLE" for m in per_finding)  # the image-referenced 2-D group is what OHIF draws
-    assert len(info["m"]) == n + 1  # and the summary group
+    found = f["microbleeds"] + f["mimics"]
+    js = ("const ds=window.services.displaySetService.getActiveDisplaySets().find(x=>x.Modality==='SR');"
+          "const m=(ds.measurements||[]); return ds.isLoaded && m.length && m.every(x=>x.loaded) ? "
+          "JSON.stringify({report: ds.isImagingMeasurementReport, m: m.map(x=>({id: x.TrackingIdentifier,"
+          "labels:(x.labels||[]).map(l=>l.label), sop: x.ReferencedSOPInstanceUID, type: x.graphicType,"
+          "img: x.imageId}))}) : null")
+    info = json.loads(_wait(d, js, 90))
+    assert info["report"]
+    assert len(found) >= 1 and len(info["m"]) == len(found)  # one per finding, no summary group
+    qsm_dir = viewer["out"] / "dicom" / "qsm"
+    qsm_by_k = {int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) - 1:
+                str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sorted(qsm_dir.glob("*.dcm"))}
+    qsm_series = _series_uid(viewer, "QSM")
+    by_label = {m["id"]: m for m in info["m"]}
+    for x in found:
+        label = f"Microbleed {x['index']}" if x["kind"] == "cmb" else f"Mimic {x['index']} ({x['kind']})"
+        m = by_label[label]
+        assert m["type"] == "CIRCLE" and "Diameter" in m["labels"] and "Magnetic Susceptibility" in m["labels"]
+        assert m["sop"] == qsm_by_k[int(round(x["centre_voxel"][2]))], label  # the finding's QSM slice
+        assert f"/series/{qsm_series}/" in m["img"]
+    # the viewport shows the QSM series, on the first measurement's image, with the circle drawn
+    shown = _wait(d, "const s=window.services; const vp=s.cornerstoneViewportService.getCornerstoneViewport("
+                     "s.viewportGridService.getActiveViewportId()); return vp && vp.getCurrentImageId ? "
+                     "vp.getCurrentImageId() : null", 60)
+    assert f"/series/{qsm_series}/" in shown
+    assert any(shown.endswith(m["img"].split("/instances/")[1]) or m["img"] == shown for m in info["m"])
+    circles = _wait(d, "const c=document.querySelectorAll('svg circle, svg ellipse'); return c.length ? c.length : null", 60)
+    assert circles >= 1
+    time.sleep(2)
+    px = _viewport_pixels(d)
+    assert px.std() > 10 and len(np.unique(px)) > 50  # the QSM image, not a black viewport
+    d.save_screenshot(str(SHOTS / "sr.png"))
 
 
 def test_mpr_shows_three_planes(viewer) -> None:

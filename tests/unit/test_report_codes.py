@@ -28,7 +28,7 @@ def test_every_mars_region_has_a_code_and_standard_ones_are_real():
 
 def test_measurement_and_value_codes_are_in_ps316():
     for c in (codes.DIAMETER, codes.VOLUME, codes.SUSCEPTIBILITY, codes.MEAN, codes.PROBABILITY,
-              codes.NUMBER_OF_LESIONS, codes.CERTAINTY, codes.CENTRE, codes.CATEGORY_ABNORMAL,
+              codes.SUMMARY, codes.CERTAINTY, codes.CENTRE, codes.CATEGORY_ABNORMAL,
               codes.SEG_TYPE_CMB, codes.SEG_TYPE_IRON, *codes.LATERALITY.values()):
         assert _in_ps316(c), c
     assert codes.UNIT_PPM.value == "[ppm]" and codes.UNIT_PPM.scheme_designator == "UCUM"
