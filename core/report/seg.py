@@ -90,6 +90,11 @@ def segment_array(findings: StudyFindings, gre: GREVolume) -> np.ndarray:
     return np.stack([seg_ijk[:, :, k].T for k in _frame_slices(gre)]).astype(np.uint8)
 
 
+#: RecommendedDisplayCIELabValue of each segment, given as sRGB: microbleeds red, calcifications
+#: cyan, iron deposits orange (without one OHIF warns on import and picks its own default colour).
+SEGMENT_RGB = {"cmb": (255, 0, 0), "calcification": (0, 200, 255), "iron": (255, 160, 0)}
+
+
 def _descriptions(findings: StudyFindings, algorithm_version: str) -> list[hd.seg.SegmentDescription]:
     algo = hd.AlgorithmIdentificationSequence(
         name="CMB-QSM", family=codes.codes.cid7162.ArtificialIntelligence, version=algorithm_version)
@@ -108,6 +113,7 @@ def _descriptions(findings: StudyFindings, algorithm_version: str) -> list[hd.se
             tracking_uid=_tracking_uid(findings, kind),
             tracking_id=codes.SEG_LABELS[kind],
             anatomic_regions=[codes.codes.SCT.Brain],
+            display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_RGB[kind]),
         ))
     return out
 

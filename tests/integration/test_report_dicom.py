@@ -101,6 +101,9 @@ def test_seg_frames_match_label_map_at_their_positions(case, name):
     c = case[name]
     ds, inv, seg_ijk = _expected_frames(c)
     assert [s.SegmentLabel for s in ds.SegmentSequence] == ["Cerebral microbleeds", "Calcifications (mimic)"]
+    # a display colour per segment (sRGB red / cyan through CIELab, back within 1 level)
+    rgb = [hd.color.CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue).to_rgb() for s in ds.SegmentSequence]
+    assert all(max(abs(a - b) for a, b in zip(got, want)) <= 1 for got, want in zip(rgb, [(255, 0, 0), (0, 200, 255)]))
     cat = ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
     assert (cat.CodeValue, cat.CodingSchemeDesignator) == ("50960005", "SCT")
     pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
