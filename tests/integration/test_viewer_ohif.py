@@ -139,7 +139,11 @@ def _series_uid(v, modality_dir: str) -> str:
 def _viewport_pixels(driver) -> np.ndarray:
     from PIL import Image
 
-    el = driver.find_element("css selector", "[data-viewport-uid] canvas, .cornerstone-canvas")
+    # the largest displayed one: the first match was once a 320 x 255 canvas that stayed black
+    # (a run failed on it while the viewport itself was drawn)
+    els = [e for e in driver.find_elements("css selector", "[data-viewport-uid] canvas, .cornerstone-canvas")
+           if e.is_displayed()]
+    el = max(els, key=lambda e: e.size["width"] * e.size["height"])
     return np.asarray(Image.open(io.BytesIO(el.screenshot_as_png)).convert("L"), dtype=float)
 
 
