@@ -38,7 +38,8 @@ NOTES = ("All data SIMULATED (training.simulate). Predictions by the current com
          "(models/, trained on the default phantom family only); not retrained on the randomised family: "
          "this is the current model's generalisation measurement across phantom families. Cohorts of the "
          "same seed are paired (same subject seeds, so the same anatomy draws and lesion counts; lesion "
-         "positions, sizes and everything the randomised family draws differ).")
+         "positions, sizes and everything the randomised family draws differ). Randomised voxels over the "
+         "full 0.5-1.5 mm range under the 16e6-voxel matrix cap (training.sim.family), not narrowed to 1 mm.")
 
 
 def _class(value: float, edges: list[float], fmt: str) -> str:
@@ -102,6 +103,7 @@ def score(family: str, truth_dir: Path, pred_dir: Path) -> dict[str, Any]:
         "data": "simulated" if report["simulated"] else "not all simulated",
         "family": family,
         "cohort_seed": cohort.get("seed"),
+        "cohort_options": {k: v for k, v in cohort.get("options", {}).items() if k != "out"},
         "model": {"detection_versions": sorted(v for v in versions if v), "retrained": False},
         "notes": NOTES,
         **report,
