@@ -29,6 +29,7 @@ CLI::
     python -m training.dataset --out DIR --subjects N --seed S [--controls K]
         [--voxel-mm X Y Z] [--echoes E|mixed] [--oblique-max DEG] [--insert-per-subject M]
         [--insert-deep-fraction F] [--n-cmb N] [--threshold T]
+        [--family default|randomised] [--voxel-range-mm MIN MAX]
 
 The last K subjects are controls; subject ``s`` gets seed ``S * 100003 + s``; ``DIR/summary.json``
 collects per-subject and aggregate stage I figures (sensitivity, false positives and candidates per
@@ -222,11 +223,18 @@ def build_subject(
     shape: Sequence[int] | None = None,
     params: Stage1Params = Stage1Params(),
     qsm_method: str = "star",
+    family: str = "default",
+    voxel_range_mm: tuple[float, float] | None = None,
 ) -> dict:
     """Simulate, reconstruct, detect and label one subject; returns the shard arrays and metadata.
 
     ``echoes``: number of echoes (6 ms spacing from 6 ms; 1 echo at 23 ms) or ``"mixed"`` (1, 3,
     4 or 5 drawn per subject). ``oblique_max_deg``: slab tilt drawn uniformly in +-this.
+    ``family``: phantom family (:mod:`training.sim.family`); ``"randomised"`` draws voxel size,
+    echo times, B0, SNR, tissue and lesion properties per subject (``voxel_mm``, ``echoes`` and
+    ``shape`` are then not used; ``voxel_range_mm`` narrows the voxel draw). Inserted microbleeds
+    (``insert_per_subject``) stay spheres with the default family's contrast in either family, and
+    the V-Net mask of a non-spherical lesion is the sphere of its equivalent diameter at its centroid.
     Returns ``{"arrays": {...}, "meta": {...}}`` (see module docstring).
     """
     from core.qsm.pipeline import reconstruct
@@ -234,7 +242,9 @@ def build_subject(
     from training.sim.insert import insert_microbleeds
 
     rng = np.random.default_rng([int(seed), 7919])
-    if echoes == "mixed":
+    if family != "default":
+        n_e = 0  # drawn by the family
+    elif echoes == "mixed":
         n_e = int(rng.choice([1, 3, 4, 5]))
     else:
         n_e = int(echoes)
@@ -242,8 +252,14 @@ def build_subject(
     tilt = float(rng.uniform(-oblique_max_deg, oblique_max_deg)) if oblique_max_deg > 0 else 0.0
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    study = phantom.simulate_subject(subject_id, int(seed), shape=shape, voxel_mm=voxel_mm, tilt_deg=tilt,
-                                     echo_times_s=tes, control=control, n_cmb=n_cmb, n_calc=n_calc)
+    if family == "default":
+        acquisition = {"shape": shape, "voxel_mm": voxel_mm, "echo_times_s": tes}
+    else:
+        from training.sim.family import RandomisedRanges
+
+        acquisition = {"family_ranges": RandomisedRanges(**({"voxel_mm": tuple(voxel_range_mm)} if voxel_range_mm else {}))}
+    study = phantom.simulate_subject(subject_id, int(seed), tilt_deg=tilt, control=control, n_cmb=n_cmb,
+                                     n_calc=n_calc, family=family, **acquisition)
     timings["simulate_s"] = time.perf_counter() - t0
     n_inserted = 0
     if insert_per_subject > 0 and not control:
@@ -315,6 +331,8 @@ def build_subject(
         "echo_times_s": list(study.acquisition.echo_times_s),
         "field_strength_t": study.acquisition.field_strength_t,
         "qsm_method": qsm_method,
+        "family": study.family,
+        **({"family_params": study.family_params} if study.family_params is not None else {}),
         "inserted_cmb": n_inserted,
         "insert_deep_fraction": float(insert_deep_fraction),
         "stage1_params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(params).items()},
@@ -405,6 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="share of inserted microbleeds placed in the deep grey nuclei (iron background)")
     ap.add_argument("--n-cmb", type=int, default=None, help="microbleeds per subject (default random 0-15)")
     ap.add_argument("--threshold", type=float, default=None, help="override the stage I threshold")
+    ap.add_argument("--family", choices=("default", "randomised"), default="default",
+                    help="phantom family (training.sim.family); randomised draws voxel, echoes, B0, SNR, "
+                         "tissue and lesion properties per subject (--voxel-mm and --echoes unused)")
+    ap.add_argument("--voxel-range-mm", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="randomised family: voxel size range (default 0.5 1.5)")
     add_cohort_arguments(ap, "build subjects whose shards already exist")
     a = ap.parse_args(argv)
     check_cohort_arguments(ap, a)
@@ -414,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for s in range(a.subjects)}
     options = {"voxel_mm": tuple(a.voxel_mm), "echoes": echoes, "oblique_max_deg": a.oblique_max,
                "insert_per_subject": a.insert_per_subject, "insert_deep_fraction": a.insert_deep_fraction,
-               "n_cmb": a.n_cmb, "params": params}
+               "n_cmb": a.n_cmb, "params": params, "family": a.family,
+               "voxel_range_mm": tuple(a.voxel_range_mm) if a.voxel_range_mm else None}
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     threads = a.threads if a.threads is not None else (1 if a.cluster is not None else None)
@@ -433,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [{"subject": o.subject, "error": o.error} for o in outcomes if o.status == "failed"]
     agg = aggregate(summary)
     write_text_atomic(os.path.join(out, "summary.json"),
-                      json.dumps({"subjects": summary, "aggregate": agg, "failed": failed}, indent=1))
+                      json.dumps({"family": a.family, "subjects": summary, "aggregate": agg, "failed": failed}, indent=1))
     print(json.dumps(agg))
     return summarise(outcomes)
 

@@ -118,3 +118,17 @@ def test_deterministic(shard):
                           insert_per_subject=1, qsm_method="tkd", params=Stage1Params(threshold=0.05))
     assert np.array_equal(again["arrays"]["patches"], shard["arrays"]["patches"])
     assert list(again["arrays"]["labels"]) == list(shard["arrays"]["labels"])
+
+
+def test_randomised_family_shard():
+    """--family randomised: the family's draws are the acquisition, recorded in the shard json."""
+    res = build_subject("rand", 5, family="randomised", voxel_range_mm=(3.5, 4.5), n_cmb=3, n_calc=0,
+                        qsm_method="tkd", params=Stage1Params(threshold=0.05))
+    meta = res["meta"]
+    p = meta["family_params"]
+    assert meta["family"] == "randomised"
+    assert meta["echo_times_s"] == p["echo_times_s"] and meta["field_strength_t"] == p["field_strength_t"]
+    np.testing.assert_allclose(meta["voxel_mm"], p["voxel_mm"], atol=1e-6)
+    assert all(3.5 * 0.999 <= v <= 4.5 * 1.001 for v in meta["voxel_mm"])
+    assert all("shape" in le for le in meta["lesions"])
+    json.dumps(meta)

@@ -50,7 +50,7 @@ import numpy as np
 from core import mars
 from core.errors import ConfigError
 from core.geometry import Geometry
-from training.sim import acquire, anatomy
+from training.sim import acquire, anatomy, family as fam
 from training.sim.study import Acquisition, Lesion, SimulatedStudy
 
 DEFAULT_ECHO_TIMES_S: tuple[float, ...] = (0.006, 0.012, 0.018, 0.024)
@@ -379,6 +379,16 @@ def _place_sphere(chi, r2s, s0, geometry, centre, radius, chi_val, r2_val, s0_va
     s0[sl] = (1 - f) * s0[sl] + f * s0_val
 
 
+def _place_shape(chi, r2s, s0, geometry, centre, shape, chi_val, r2_val, s0_val) -> None:
+    res = fam.shape_fraction(geometry, centre, shape)
+    if res is None:
+        return
+    sl, f = res
+    chi[sl] = (1 - f) * chi[sl] + f * chi_val
+    r2s[sl] = (1 - f) * r2s[sl] + f * r2_val
+    s0[sl] = (1 - f) * s0[sl] + f * s0_val
+
+
 def simulate_subject(
     subject_id: str,
     seed: int,
@@ -397,6 +407,8 @@ def simulate_subject(
     cmb_chi_ppm: tuple[float, float] | None = None,
     pad_factor: float = 1.5,
     timings: dict | None = None,
+    family: str = "default",
+    family_ranges: "fam.RandomisedRanges | None" = None,
 ) -> SimulatedStudy:
     """Simulate one subject's multi-echo GRE study with ground truth.
 
@@ -417,6 +429,13 @@ def simulate_subject(
         cmb_chi_ppm: optional (min, max) susceptibility range instead of 0.2-1.5 ppm.
         pad_factor: zero padding of the dipole convolution.
         timings: if a dict is given, seconds per stage are written into it.
+        family: phantom family (:data:`training.sim.family.FAMILIES`). ``"default"``: the fixed
+            choices above. ``"randomised"``: :func:`training.sim.family.draw_subject_params` draws
+            voxel size and matrix (``voxel_mm`` and ``shape`` are then ignored), echo times, field
+            strength and SNR (``echo_times_s``, ``field_strength_t``, ``snr`` ignored), tissue,
+            vein and lesion susceptibilities, lesion R2* and shapes from ``seed``;
+            ``cmb_chi_ppm`` / ``cmb_diameter_mm`` still override when given.
+        family_ranges: the randomised family's ranges (default :class:`~training.sim.family.RandomisedRanges`).
 
     Returns:
         The study; ``lesions`` may hold fewer microbleeds / calcifications than asked when no free
@@ -425,6 +444,14 @@ def simulate_subject(
     Raises:
         ConfigError: invalid voxel size, echo times, SNR or field strength.
     """
+    if family not in fam.FAMILIES:
+        raise ConfigError(f"unknown phantom family {family!r}; known: {', '.join(fam.FAMILIES)}")
+    fp = frng = None
+    if family == "randomised":
+        fp = fam.draw_subject_params(seed, family_ranges)
+        frng = fam.family_rng(seed, stream=1)  # per-vein and per-lesion draws
+        voxel_mm, shape = fp.voxel_mm, fp.shape
+        echo_times_s, field_strength_t, snr = fp.echo_times_s, fp.field_strength_t, fp.snr
     if len(voxel_mm) != 3 or min(voxel_mm) <= 0:
         raise ConfigError(f"voxel size must be three positive numbers in mm, got {tuple(voxel_mm)}")
     if not len(echo_times_s) or min(echo_times_s) <= 0 or max(echo_times_s) > 0.2:
@@ -507,11 +534,20 @@ def simulate_subject(
 
     # brain: gm / wm / csf mixture (the part of a voxel that is not brain is CSF)
     csf_p = np.clip(1.0 - gm - wm, 0.0, 1.0)
-    chi_b = gm * np.float32(CHI_GM * rng.uniform(0.8, 1.2)) + wm * np.float32(CHI_WM * rng.uniform(0.8, 1.2))
+    chi_gm = CHI_GM * rng.uniform(0.8, 1.2)
+    chi_wm = CHI_WM * rng.uniform(0.8, 1.2)
+    if fp is not None:
+        chi_gm, chi_wm = fp.chi_gm, fp.chi_wm
+    chi_b = gm * np.float32(chi_gm) + wm * np.float32(chi_wm)
+    if fp is not None:  # CSF relative to water, in the brain voxels' CSF share and the CSF layer
+        chi_b += csf_p * np.float32(fp.chi_csf)
+        chi[csf_layer] = fp.chi_csf
     r2_b = gm * r2_jit["gm"] + wm * r2_jit["wm"] + csf_p * r2_jit["csf"]
     s0_b = gm * s0_jit["gm"] + wm * s0_jit["wm"] + csf_p * s0_jit["csf"]
     deep_codes = np.zeros(len(inb), dtype=np.uint8)
     iron = {k: CHI_DEEP[k] * chi_scale * rng.uniform(0.9, 1.1) for k in CHI_DEEP}
+    if fp is not None:
+        iron = dict(fp.chi_deep)
     # deep grey nuclei with partial volume: trilinear one-hot of the atlas labels, soft-edged
     # ellipsoids for the nuclei the atlas does not separate
     near = (np.abs(pts[0]) < 40.0) & (pts[1] > -70.0) & (pts[1] < 40.0) & (pts[2] > -50.0) & (pts[2] < 35.0)
@@ -541,6 +577,8 @@ def simulate_subject(
     sel = inb[in_brainish]
     w = pb[in_brainish]
     flat_chi[sel] = w * chi_b[in_brainish]  # remainder of the voxel: CSF (chi 0)
+    if fp is not None:
+        flat_chi[sel] += (1 - w) * np.float32(fp.chi_csf)
     flat_r2[sel] = w * r2_b[in_brainish] + (1 - w) * r2_jit["csf"]
     flat_s0[sel] = w * s0_b[in_brainish] + (1 - w) * s0_jit["csf"]
 
@@ -563,6 +601,8 @@ def simulate_subject(
     vein_frac = np.zeros(ext_shape, dtype=np.float32)
     vein_chi = np.zeros(ext_shape, dtype=np.float32)
     for _name, poly, radius, chi_v in venous_polylines(rng):
+        if fp is not None:
+            chi_v = fam.vein_chi(frng, fp, (family_ranges or fam.RandomisedRanges()).venous_saturation_per_vein)
         rasterise_tube(vein_frac, ext, xf.from_mni(poly), radius, values=vein_chi, value=chi_v)
     vf = vein_frac
     chi[:] = (1 - vf) * chi + vf * vein_chi
@@ -602,7 +642,7 @@ def simulate_subject(
             return False
         return not np.any(vein_frac[box[0]] > 0)
 
-    def describe(kind, centre, diameter, chi_v, r2_v) -> Lesion:
+    def describe(kind, centre, diameter, chi_v, r2_v, shape_json=None) -> Lesion:
         v_ext = ext.patient_to_voxel(centre)
         vi = tuple(int(round(c)) for c in v_ext)
         region_idx = int(mreg_ext[vi])
@@ -631,7 +671,17 @@ def simulate_subject(
             mars_region=reg.key if reg else "",
             mars_category=reg.category if reg else "",
             side=side,
+            shape=shape_json,
         )
+
+    def place(centre, diameter, lshape, chi_v, r2_v, s0_v) -> None:
+        if lshape is None:
+            _place_sphere(chi, r2s, s0, ext, centre, diameter / 2, chi_v, r2_v, s0_v)
+        else:
+            _place_shape(chi, r2s, s0, ext, centre, lshape, chi_v, r2_v, s0_v)
+
+    def bound(diameter, lshape) -> float:
+        return diameter / 2 if lshape is None else lshape.bounding_radius_mm()
 
     cats = list(cmb_categories) if cmb_categories is not None else None
     for n in range(n_c):
@@ -648,15 +698,19 @@ def simulate_subject(
             flat_i = int(cand[rng.integers(len(cand))])
             vox = np.array(np.unravel_index(flat_i, ext_shape), dtype=np.float64) + rng.uniform(-0.5, 0.5, 3)
             centre = ext.voxel_to_patient(vox)
-            if free(centre, diameter / 2):
+            lshape = fam.draw_shape(frng, diameter, fp.shape_p) if fp is not None else None
+            if free(centre, bound(diameter, lshape)):
                 break
         else:
             continue
         chi_v = float(rng.uniform(*(cmb_chi_ppm or (0.2, 1.5))))
         r2_v = float(rng.uniform(250.0, 800.0)) * b0 / 3.0
-        _place_sphere(chi, r2s, s0, ext, centre, diameter / 2, chi_v, r2_v, s0_jit["cmb"])
-        taken.append((centre, diameter / 2))
-        lesions.append(describe("cmb", centre, diameter, chi_v, r2_v))
+        if fp is not None:
+            chi_v = float(frng.uniform(*(cmb_chi_ppm or fp.cmb_chi_ppm)))
+            r2_v = float(frng.uniform(*fp.cmb_r2star_3t_s)) * b0 / 3.0
+        place(centre, diameter, lshape, chi_v, r2_v, s0_jit["cmb"])
+        taken.append((centre, bound(diameter, lshape)))
+        lesions.append(describe("cmb", centre, diameter, chi_v, r2_v, lshape.to_json() if lshape else None))
 
     all_brain = np.flatnonzero(brain_ext & (depth_ext >= 4.0) & in_fov_k[None, None, :])
     pall = np.flatnonzero((deep_ext == anatomy.DEEP_GM_CODES["pallidum"]) & in_fov_k[None, None, :])
@@ -677,15 +731,19 @@ def simulate_subject(
             vi = tuple(int(round(c)) for c in ext.patient_to_voxel(centre))
             if not all(0 <= a < b for a, b in zip(vi, ext_shape)) or not brain_ext[vi] or not in_fov_k[vi[2]]:
                 continue
-            if free(centre, diameter / 2):
+            lshape = fam.draw_shape(frng, diameter, fp.shape_p) if fp is not None else None
+            if free(centre, bound(diameter, lshape)):
                 break
         else:
             continue
         chi_v = -float(rng.uniform(0.3, 1.2))
         r2_v = float(rng.uniform(100.0, 300.0))
-        _place_sphere(chi, r2s, s0, ext, centre, diameter / 2, chi_v, r2_v, s0_jit["calc"])
-        taken.append((centre, diameter / 2))
-        lesions.append(describe("calcification", centre, diameter, chi_v, r2_v))
+        if fp is not None:
+            chi_v = float(frng.uniform(*fp.calc_chi_ppm))
+            r2_v = float(frng.uniform(*fp.calc_r2star_s))
+        place(centre, diameter, lshape, chi_v, r2_v, s0_jit["calc"])
+        taken.append((centre, bound(diameter, lshape)))
+        lesions.append(describe("calcification", centre, diameter, chi_v, r2_v, lshape.to_json() if lshape else None))
     tm["lesions_s"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- acquisition
@@ -736,4 +794,6 @@ def simulate_subject(
         lesions=lesions,
         is_control=bool(control),
         extra_truth=extra,
+        family=family,
+        family_params=fp.to_json() if fp is not None else None,
     )

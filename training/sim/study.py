@@ -14,7 +14,9 @@ class Lesion:
     """One inserted focal lesion or mimic, for truth.json.
 
     ``kind`` is one of ``"cmb"``, ``"calcification"``. ``mars_region`` is the MARS region key
-    (see :mod:`core.mars`), ``side`` is ``"left"``, ``"right"`` or ``"midline"``.
+    (see :mod:`core.mars`), ``side`` is ``"left"``, ``"right"`` or ``"midline"``. ``shape`` is set
+    for the non-spherical lesions of the randomised family (:mod:`training.sim.family`): then
+    ``diameter_mm`` is the equivalent-sphere diameter and ``centre_*`` the shape's centroid.
     """
 
     kind: str
@@ -26,9 +28,10 @@ class Lesion:
     mars_region: str
     mars_category: str
     side: str
+    shape: dict | None = None  # randomised family: LesionShape.to_json(); None = sphere of diameter_mm
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "kind": self.kind,
             "centre_lps_mm": [round(float(v), 3) for v in self.centre_lps_mm],
             "centre_voxel": [round(float(v), 3) for v in self.centre_voxel],
@@ -39,6 +42,9 @@ class Lesion:
             "mars_category": self.mars_category,
             "side": self.side,
         }
+        if self.shape is not None:
+            out["shape"] = self.shape
+        return out
 
 
 @dataclass
@@ -58,6 +64,7 @@ class SimulatedStudy:
 
     ``magnitude`` and ``phase_rad`` are ``[echo, i, j, k]`` float32 on ``geometry``; the phase is
     wrapped to [-pi, pi) with the product polarity (core.physics). Truth arrays share the grid.
+    ``family`` is the phantom family (:data:`training.sim.family.FAMILIES`).
     """
 
     subject_id: str
@@ -71,3 +78,5 @@ class SimulatedStudy:
     lesions: list[Lesion] = field(default_factory=list)
     is_control: bool = False
     extra_truth: dict = field(default_factory=dict)
+    family: str = "default"
+    family_params: dict | None = None  # the randomised family's per-subject draws (SubjectParams.to_json())

@@ -5,7 +5,11 @@ Files written into ``out_dir``:
 * ``chi.nii.gz``: susceptibility (ppm relative to CSF) inside the intracranial space, 0 outside;
 * ``brain_mask.nii.gz``: uint8 brain mask;
 * ``truth.json``: subject id, seed, control flag, geometry (``Geometry.describe()``), acquisition,
-  lesion list (``Lesion.to_json()``) and counts per kind, MARS category and region.
+  lesion list (``Lesion.to_json()``) and counts per kind, MARS category and region, the phantom
+  ``family`` (:mod:`training.sim.family`) and, for the randomised family, its per-subject draws
+  (``family_params``: voxel, echo times, B0, SNR, tissue and vein susceptibilities, lesion ranges).
+  In the randomised family the susceptibility is relative to water with CSF at ``chi_csf``
+  (within +-0.01 ppm); in the default family CSF is water (0).
 
 NIfTI affines are ``geometry.nifti_affine()`` (RAS), arrays in ``[i, j, k]`` order, so the maps
 overlay the DICOM series written from the same study in any viewer.
@@ -52,6 +56,8 @@ def truth_dict(study: SimulatedStudy) -> dict:
         "acquisition": dataclasses.asdict(study.acquisition),
         "lesions": [l.to_json() for l in study.lesions],
         "counts": lesion_counts(study.lesions),
+        "family": study.family,
+        **({"family_params": study.family_params} if study.family_params is not None else {}),
     }
 
 
