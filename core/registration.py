@@ -14,9 +14,14 @@ Method (SimpleITK / ITK v4 registration framework):
    scaling, shrink factors 4/2/1 (coarse grid only for speed), metric sampled inside the subject's
    brain mask dilated by a few mm (so the brain edge takes part);
 3. optional cubic BSpline (free-form deformation, Rueckert et al., IEEE TMI 1999) on a coarse
-   control grid (50 mm), Mattes MI, L-BFGS-B, composed after the affine. Off by default: on three
-   simulated 2 mm subjects it gave the same microbleed region agreement as the affine alone
-   (39/45 both) at 25-50 s extra per subject on this 2-core machine.
+   control grid (50 mm), Mattes MI, L-BFGS-B, composed after the affine. Off by default: on the
+   10 simulated 1 mm subjects of bench/mars.py it lowers the mean microbleed centre error from
+   2.19 to 1.74 mm (voxelwise MARS agreement 0.929 -> 0.944) but gives the same region agreement
+   (137/150 both; one subject got worse, 11/15 vs 13/15) at ~22 s per subject instead of ~5 s
+   (bench/results/mars_deformable.json). Finer or multi-level BSplines (25 mm mesh, 3 levels:
+   ~330 s per subject, 42/45 on three subjects), sequential 50 + 25 mm BSpline stages and an MI
+   displacement-field fit (4 -> 2 mm) raised the MI but did not lower the true error on the same
+   simulated subjects, so none of them is used.
 
 Measured (bench/mars.py, 10 simulated 1 mm subjects, affine): see bench/results/mars.json.
 
