@@ -323,20 +323,28 @@ def draw_shape(rng: np.random.Generator, diameter_mm: float, shape_p=(0.25, 0.45
                        tuple(float(x * s) for x in radii), tuple(float(-v * s) for v in cen))
 
 
+def voxel_box(geometry: Geometry, centre_lps: np.ndarray, radius_mm: float):
+    """(slices, voxel indices float64 (3, a, b, c)) of the grid box within ``radius_mm`` (plus one
+    voxel) of a point, clipped to the grid; None when the box is empty."""
+    v = geometry.patient_to_voxel(centre_lps)
+    r = np.ceil(radius_mm / np.asarray(geometry.spacing)) + 1
+    lo = np.maximum(np.floor(v - r).astype(int), 0)
+    hi = np.minimum(np.ceil(v + r).astype(int) + 1, geometry.shape)
+    if np.any(hi <= lo):
+        return None
+    idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")).astype(np.float64)
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), idx
+
+
 def shape_fraction(geometry: Geometry, centre_lps: np.ndarray, shape: LesionShape):
     """(box slices, partial-volume fraction float32) of ``shape`` at ``centre_lps``, or None.
 
     The fraction is the share of ``SUBSAMPLES**3`` regularly spaced points per voxel inside.
     """
-    rad = shape.bounding_radius_mm() + max(geometry.spacing)
-    v = geometry.patient_to_voxel(centre_lps)
-    sp = np.asarray(geometry.spacing)
-    rr = np.ceil(rad / sp) + 1
-    lo = np.maximum(np.floor(v - rr).astype(int), 0)
-    hi = np.minimum(np.ceil(v + rr).astype(int) + 1, geometry.shape)
-    if np.any(hi <= lo):
+    box = voxel_box(geometry, centre_lps, shape.bounding_radius_mm() + max(geometry.spacing))
+    if box is None:
         return None
-    idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")).astype(np.float64)
+    sl, idx = box
     frac = np.zeros(idx.shape[1:], dtype=np.float64)
     sub = (np.arange(SUBSAMPLES) + 0.5) / SUBSAMPLES - 0.5
     m = geometry.affine[:3, :3]
@@ -347,4 +355,4 @@ def shape_fraction(geometry: Geometry, centre_lps: np.ndarray, shape: LesionShap
                 off = m @ np.array([a, b, c])
                 frac += shape.inside(base + off.reshape(3, 1, 1, 1))
     frac /= SUBSAMPLES ** 3
-    return tuple(slice(a, b) for a, b in zip(lo, hi)), frac.astype(np.float32)
+    return sl, frac.astype(np.float32)

@@ -201,16 +201,12 @@ def mni_coordinates(geometry: Geometry, transform: SubjectTransform, step: int =
 
 def _box(geometry: Geometry, centre_lps: np.ndarray, radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """Voxel box around a point and the LPS coordinates (3, a, b, c) of its voxels."""
-    v = geometry.patient_to_voxel(centre_lps)
-    sp = np.asarray(geometry.spacing)
-    r = np.ceil(radius_mm / sp) + 1
-    lo = np.maximum(np.floor(v - r).astype(int), 0)
-    hi = np.minimum(np.ceil(v + r).astype(int) + 1, geometry.shape)
-    if np.any(hi <= lo):
+    box = fam.voxel_box(geometry, centre_lps, radius_mm)
+    if box is None:
         return None
-    idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")).astype(np.float64)
+    sl, idx = box
     lps = np.tensordot(geometry.affine[:3, :3], idx, axes=(1, 0)) + geometry.affine[:3, 3].reshape(3, 1, 1, 1)
-    return tuple(slice(a, b) for a, b in zip(lo, hi)), lps
+    return sl, lps
 
 
 def _pv(distance_mm: np.ndarray, radius_mm: float, h: float) -> np.ndarray:
@@ -369,24 +365,22 @@ def _r2s(name: str, b0_t: float) -> float:
     return 3.0 + (R2S_3T[name] - 3.0) * b0_t / 3.0
 
 
-def _place_sphere(chi, r2s, s0, geometry, centre, radius, chi_val, r2_val, s0_val) -> None:
-    res = sphere_fraction(geometry, centre, radius)
+def _blend(chi, r2s, s0, res, chi_val, r2_val, s0_val) -> None:
+    """Mix a lesion's values into the maps by its partial-volume fraction ``res`` = (slices, f)."""
     if res is None:
         return
     sl, f = res
     chi[sl] = (1 - f) * chi[sl] + f * chi_val
     r2s[sl] = (1 - f) * r2s[sl] + f * r2_val
     s0[sl] = (1 - f) * s0[sl] + f * s0_val
+
+
+def _place_sphere(chi, r2s, s0, geometry, centre, radius, chi_val, r2_val, s0_val) -> None:
+    _blend(chi, r2s, s0, sphere_fraction(geometry, centre, radius), chi_val, r2_val, s0_val)
 
 
 def _place_shape(chi, r2s, s0, geometry, centre, shape, chi_val, r2_val, s0_val) -> None:
-    res = fam.shape_fraction(geometry, centre, shape)
-    if res is None:
-        return
-    sl, f = res
-    chi[sl] = (1 - f) * chi[sl] + f * chi_val
-    r2s[sl] = (1 - f) * r2s[sl] + f * r2_val
-    s0[sl] = (1 - f) * s0[sl] + f * s0_val
+    _blend(chi, r2s, s0, fam.shape_fraction(geometry, centre, shape), chi_val, r2_val, s0_val)
 
 
 def simulate_subject(
