@@ -46,7 +46,7 @@ def write_detection_outputs(gre, qsm, findings: StudyFindings, out_dir: Path,
         p.write_text(json.dumps({"seconds": timings}, indent=2) + "\n")
         written["stages"].append(p)
     reports = write_reports(findings, gre, qsm.chi_ppm, out_dir / "dicom" / "cmb", algorithm_version,
-                            qsm_paths=getattr(qsm, "series_paths", None) or None)
+                            qsm_paths=qsm.series_paths or None)
     moved = []
     for p in reports.pop("summary"):  # the clinical summary sits beside findings.json, not with DICOM
         dest = out_dir / p.name

@@ -358,8 +358,8 @@ def build_sr(findings: StudyFindings, gre: GREVolume, algorithm_version: str,
     groups = []
     for f in findings.microbleeds + findings.mimics:
         # planar groups first (a viewer merging groups by UID draws the first circle): QSM, magnitude
-        refs = ([(str(qsm[slice_index(f, gre)].SOPClassUID), str(qsm[slice_index(f, gre)].SOPInstanceUID), None)]
-                if qsm is not None else []) + [None]
+        on_qsm = qsm[slice_index(f, gre)] if qsm is not None else None
+        refs = ([(str(on_qsm.SOPClassUID), str(on_qsm.SOPInstanceUID), None)] if on_qsm is not None else []) + [None]
         groups += [p for p in (_planar_group(f, gre, findings, algo, ref) for ref in refs) if p is not None]
         groups.append(_group(f, gre, findings, seg_refs, algo))
     # highdicom 0.28 builds only the Imaging Measurements container and needs one group in it; a

@@ -594,9 +594,10 @@ def simulate_subject(
     t0 = time.perf_counter()
     vein_frac = np.zeros(ext_shape, dtype=np.float32)
     vein_chi = np.zeros(ext_shape, dtype=np.float32)
+    vein_spread = (family_ranges or fam.RandomisedRanges()).venous_saturation_per_vein
     for _name, poly, radius, chi_v in venous_polylines(rng):
         if fp is not None:
-            chi_v = fam.vein_chi(frng, fp, (family_ranges or fam.RandomisedRanges()).venous_saturation_per_vein)
+            chi_v = fam.vein_chi(frng, fp, vein_spread)
         rasterise_tube(vein_frac, ext, xf.from_mni(poly), radius, values=vein_chi, value=chi_v)
     vf = vein_frac
     chi[:] = (1 - vf) * chi + vf * vein_chi
